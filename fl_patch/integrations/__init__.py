@@ -1,0 +1,7 @@
+"""Integrations: one module per library fl_patch patches. Each defines ``TARGETS``, its patch-table rows,
+and the factories those rows name. They are imported when the patch table is built, that is after one
+of the watched packages (see ``fl_patch._bootstrap``) started importing, never at start-up."""
+
+INTEGRATION_MODULES = (
+    "fl_patch.integrations.torch",
+)

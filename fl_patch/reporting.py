@@ -1,0 +1,93 @@
+"""The report: one record per place fl_patch patched, skipped, excluded, failed or is still waiting for.
+
+A :class:`Record` is also the fallback counter of its patch: replacements call ``record.fallback(reason)``
+when they hand a call to the original, and the first fallback per (record, reason) is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+
+log = logging.getLogger("fl_patch")
+
+STATES = ("patched", "excluded", "skipped", "failed", "waiting", "reverted")
+
+
+@dataclass
+class Record:
+    """What happened at one place.
+
+    family / target: the table row. where: the patched object (``module.Class.forward``), or the row's
+    module for rows with no concrete place yet. provider: ``flag_gems``, ``torch reference`` or
+    ``original``. state: one of STATES. reason: why skipped / excluded / failed. fallbacks: calls handed
+    to the original, per reason.
+    """
+
+    family: str
+    target: str
+    where: str
+    provider: str = "original"
+    state: str = "waiting"
+    reason: str = ""
+    variant: str = "default"
+    fallbacks: dict[str, int] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def fallback(self, reason: str) -> None:
+        """Count one call handed to the original; log the first one for each reason."""
+        with self._lock:
+            count = self.fallbacks.get(reason, 0)
+            self.fallbacks[reason] = count + 1
+        if count == 0:
+            log.info("fl_patch: %s falls back to the original (%s)", self.where, reason)
+
+    def as_dict(self) -> dict:
+        """A plain, JSON-ready copy."""
+        return {
+            "family": self.family,
+            "target": self.target,
+            "where": self.where,
+            "variant": self.variant,
+            "provider": self.provider,
+            "state": self.state,
+            "reason": self.reason,
+            "fallbacks": dict(self.fallbacks),
+        }
+
+
+def summary(records: list[dict]) -> dict[str, int]:
+    """Counts of records per state."""
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record["state"]] = counts.get(record["state"], 0) + 1
+    return counts
+
+
+def format_table(records: list[dict]) -> str:
+    """A readable text table of records, grouped by family, with a summary line."""
+    lines = []
+    counts = summary(records)
+    lines.append("fl_patch report: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) if counts else
+                 "fl_patch report: nothing recorded")
+    for record in sorted(records, key=lambda r: (r["family"], r["target"], r["where"])):
+        detail = record["reason"]
+        if record["fallbacks"]:
+            calls = ", ".join(f"{reason}: {n}" for reason, n in sorted(record["fallbacks"].items()))
+            detail = (detail + "; " if detail else "") + f"fallbacks {calls}"
+        lines.append(
+            f"  {record['family']:<11} {record['state']:<8} {record['provider']:<15} {record['where']}"
+            + (f"  ({detail})" if detail else "")
+        )
+    return "\n".join(lines)
+
+
+def is_rank_zero() -> bool:
+    """Whether this process should print once-per-job output (RANK/LOCAL_RANK unset or 0)."""
+    for var in ("RANK", "LOCAL_RANK"):
+        value = os.environ.get(var)
+        if value not in (None, "", "0"):
+            return False
+    return True

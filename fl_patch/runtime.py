@@ -1,0 +1,264 @@
+"""The runtime: apply() and revert(), and the context every factory patches through.
+
+One process-wide state, guarded by one re-entrant lock: the settings in force, the registry, the selected
+rows, the ledger of changes and the report records. ``apply`` selects rows and asks :mod:`fl_patch.hooks`
+to call :func:`_on_import` for each row's module; that runs the row's factory once per (row, module).
+``revert`` undoes the ledger newest first and stops the hooks from doing anything until the next apply.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from fl_patch import hooks, ledger, reporting, table
+from fl_patch import settings as settings_mod
+from fl_patch.errors import PatchError, SettingsError
+
+log = logging.getLogger("fl_patch")
+
+PROVIDER_NAMES = {"gems": "flag_gems", "reference": "torch reference"}
+
+
+class Skip(Exception):
+    """Raised by a factory (or ``ctx.skip_all``) when its row can't apply here; the message is the reason."""
+
+
+class _State:
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.active = False
+        self.settings: settings_mod.Settings | None = None
+        self.registry: table.Registry | None = None
+        self.selected: list[table.Target] = []
+        self.excluded: list[table.Target] = []
+        self.ledger = ledger.Ledger()
+        self.records: list[reporting.Record] = []
+        self.done: set[tuple[str, str]] = set()  # (row name, module name) already handled
+        self.atexit_registered = False
+
+
+_state = _State()
+
+
+class PatchContext:
+    """What a factory gets besides the module: the settings, the kernel provider, and the only sanctioned
+    ways to change things (each recorded in the ledger and the report)."""
+
+    def __init__(self, target: table.Target, module: Any, settings: settings_mod.Settings, provider: str | None):
+        self.target = target
+        self.module = module
+        self.settings = settings
+        self.provider = provider  # "gems" | "reference" | None for rows that need no kernel
+        self.records: list[reporting.Record] = []
+
+    def record(self, where: str, variant: str | None = None) -> reporting.Record:
+        """A new report record for one place this row changes (or skips). Pass it to setattr/setitem/skip."""
+        rec = reporting.Record(
+            family=self.target.family,
+            target=self.target.name,
+            where=where,
+            variant=variant or self.target.variant,
+            provider=PROVIDER_NAMES.get(self.provider, "original"),
+        )
+        self.records.append(rec)
+        return rec
+
+    def setattr(self, rec: reporting.Record, owner: Any, name: str, replacement: Any) -> None:
+        """Set ``owner.name = replacement`` through the ledger and mark `rec` patched."""
+        _state.ledger.setattr(owner, name, replacement)
+        rec.state = "patched"
+
+    def setitem(self, rec: reporting.Record, mapping: Any, key: Any, replacement: Any) -> None:
+        """Set ``mapping[key] = replacement`` through the ledger and mark `rec` patched."""
+        _state.ledger.setitem(mapping, key, replacement)
+        rec.state = "patched"
+
+    def on_revert(self, rec: reporting.Record, undo: Callable[[], None]) -> None:
+        """Record a change made by other means (`undo` reverses it) and mark `rec` patched."""
+        _state.ledger.on_revert(undo, rec.where)
+        rec.state = "patched"
+
+    def skip(self, rec: reporting.Record, reason: str) -> None:
+        """Mark `rec` skipped: this place stays original, for `reason`."""
+        rec.state, rec.reason, rec.provider = "skipped", reason, "original"
+
+
+def _resolve_provider(target: table.Target, s: settings_mod.Settings) -> str:
+    """The kernel provider for a kernel row, or raise Skip saying why none can be used."""
+    if s.kernels == "reference":
+        return "reference"
+    from fl_patch.kernels import gems
+
+    reason = gems.installed()
+    if reason is not None:
+        if s.kernels_explicit and s.strict:
+            raise PatchError(f"FL_PATCH_KERNELS=gems but FlagGems can't be used: {reason}")
+        raise Skip(f"FlagGems unavailable: {reason}")
+    return "gems"
+
+
+def _unmet_requirement(target: table.Target) -> str | None:
+    """The first of the row's requirements that the installed distributions don't meet, or None."""
+    from fl_patch import versions
+
+    for requirement in target.requires:
+        problem = versions.check(requirement)
+        if problem:
+            return problem
+    return None
+
+
+def _run_row(target: table.Target, module: Any) -> None:
+    """Run one row's factory on one module, recording the outcome; raise only in strict mode."""
+    s = _state.settings
+    where = getattr(module, "__name__", str(module))
+    ctx: PatchContext | None = None
+    try:
+        problem = _unmet_requirement(target)
+        if problem:
+            raise Skip(problem)
+        provider = _resolve_provider(target, s) if target.family in table.KERNEL_FAMILIES else None
+        ctx = PatchContext(target, module, s, provider)
+        target.load_factory()(module, ctx)
+        _state.records.extend(ctx.records)
+    except Skip as why:
+        if ctx is not None:
+            _state.records.extend(ctx.records)
+        rec = reporting.Record(target.family, target.name, where, state="skipped", reason=str(why))
+        _state.records.append(rec)
+    except Exception as exc:
+        if ctx is not None:
+            _state.records.extend(ctx.records)
+        reason = f"{type(exc).__name__}: {exc}"
+        _state.records.append(reporting.Record(target.family, target.name, where, state="failed", reason=reason))
+        log.warning("fl_patch: patching %s for %s failed: %s", target.name, where, reason)
+        if s.strict:
+            raise PatchError(f"patching {target.name} for {where} failed: {reason}") from exc
+
+
+def _on_import(module: Any) -> None:
+    """Hook callback: run every selected row whose module pattern matches this module, once each."""
+    name = module.__name__
+    with _state.lock:
+        if not _state.active:
+            return
+        for target in _state.selected:
+            if target.is_pattern and hooks.top_package(target.module) == name:
+                _watch_pattern(target)
+            if hooks.matches(name, target.module) and (target.name, name) not in _state.done:
+                _state.done.add((target.name, name))
+                _run_row(target, module)
+
+
+def _watch_pattern(target: table.Target) -> None:
+    """Hook every module the pattern row matches (found on disk, none imported here)."""
+    for module_name in hooks.expand(target.module):
+        hooks.watch(module_name, _on_import)
+
+
+def apply(settings: settings_mod.Settings | None = None, extra_targets: tuple[table.Target, ...] = ()) -> None:
+    """Patch according to `settings` (default: from the environment).
+
+    Modules already imported are patched now; the others when they are imported. Calling apply again
+    with equal settings does nothing; with different settings it reverts first, then applies the new ones.
+    Raises SettingsError for bad settings or unknown include/exclude names.
+    """
+    s = settings if settings is not None else settings_mod.load()
+    with _state.lock:
+        if _state.active and s == _state.settings and not extra_targets:
+            return
+        registry = table.build_registry(extra_targets)
+        registry.check_names("FL_PATCH_INCLUDE / include", s.include)
+        registry.check_names("FL_PATCH_EXCLUDE / exclude", s.exclude)
+        if _state.active:
+            revert()
+        logging.getLogger("fl_patch").setLevel(s.log_level)
+        _state.settings, _state.registry = s, registry
+        _state.selected, _state.excluded = registry.select(s.include, s.exclude)
+        _state.records, _state.done = [], set()
+        _state.active = True
+        if s.report_at_exit and not _state.atexit_registered:
+            atexit.register(_print_report_at_exit)
+            _state.atexit_registered = True
+        watched = set()
+        for target in _state.selected:
+            name = hooks.top_package(target.module) if target.is_pattern else target.module
+            if name not in watched:
+                watched.add(name)
+                hooks.watch(name, _on_import)
+
+
+def revert() -> list[Exception]:
+    """Undo every change newest first; afterwards every touched attribute is its original object again.
+
+    Returns the errors of undo steps that failed (all steps are attempted). Idempotent.
+    """
+    with _state.lock:
+        errors = _state.ledger.revert()
+        for record in _state.records:
+            if record.state == "patched":
+                record.state = "reverted"
+        _state.active = False
+        _state.done = set()
+        for exc in errors:
+            log.warning("fl_patch: revert step failed: %s", exc)
+        return errors
+
+
+def is_active() -> bool:
+    return _state.active
+
+
+def current_settings() -> settings_mod.Settings | None:
+    return _state.settings
+
+
+def records() -> list[dict]:
+    """Report records: one per place handled, plus one per selected row whose module has not been
+    imported (state ``waiting``) and one per excluded row."""
+    with _state.lock:
+        out = [r.as_dict() for r in _state.records]
+        handled = {r.target for r in _state.records}
+        for target in _state.selected:
+            if target.name not in handled:
+                out.append(reporting.Record(target.family, target.name, target.module, state="waiting",
+                                         reason=f"{target.module} not imported yet").as_dict())
+        for target in _state.excluded:
+            out.append(reporting.Record(target.family, target.name, target.module, state="excluded",
+                                     reason="excluded by settings").as_dict())
+        return out
+
+
+def patched_module_attributes() -> list[tuple[Any, str, Any]]:
+    """(module, attribute, original) for every module attribute currently replaced."""
+    import types
+
+    with _state.lock:
+        return [(e.owner, e.key, e.original) for e in _state.ledger.entries
+                if e.kind == "attr" and isinstance(e.owner, types.ModuleType)]
+
+
+def activate(source: str) -> None:
+    """Automatic activation (bootstrap trigger, ``import fl_patch``): apply from the environment unless
+    already active. Never raises unless FL_PATCH_STRICT=1; otherwise problems become one warning."""
+    try:
+        with _state.lock:
+            if _state.active:
+                return
+            apply(settings_mod.load())
+    except Exception as exc:
+        if settings_mod.strict_from_env():
+            raise
+        import warnings
+
+        kind = "bad setting" if isinstance(exc, SettingsError) else "error"
+        warnings.warn(f"fl_patch ({source}) did not activate, {kind}: {exc}", RuntimeWarning, stacklevel=2)
+
+
+def _print_report_at_exit() -> None:
+    if reporting.is_rank_zero():
+        print(reporting.format_table(records()))

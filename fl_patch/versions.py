@@ -1,0 +1,41 @@
+"""Installed-version checks for patch-table requirements, without importing the packages."""
+
+from __future__ import annotations
+
+import re
+from importlib import metadata
+
+_REQUIREMENT = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(>=|<|==)?\s*([0-9][0-9A-Za-z.+\-]*)?\s*$")
+
+
+def installed_version(distribution: str) -> str | None:
+    """The installed version of a distribution, or None when it is not installed."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def release(version: str) -> tuple[int, ...]:
+    """The numeric release part of a version ("2.13.0+cpu" -> (2, 13, 0))."""
+    numbers = re.match(r"^(\d+(?:\.\d+)*)", version)
+    return tuple(int(n) for n in numbers.group(1).split(".")) if numbers else ()
+
+
+def check(requirement: str) -> str | None:
+    """None if `requirement` ("torch>=2.4", "transformers", "wrapt<3") is met, else why not."""
+    match = _REQUIREMENT.match(requirement)
+    if not match:
+        raise ValueError(f"requirement {requirement!r} is not 'name', 'name>=X', 'name<X' or 'name==X'")
+    name, op, wanted = match.groups()
+    have = installed_version(name)
+    if have is None:
+        return f"{name} is not installed"
+    if op is None:
+        return None
+    ok = {
+        ">=": release(have) >= release(wanted),
+        "<": release(have) < release(wanted),
+        "==": release(have) == release(wanted),
+    }[op]
+    return None if ok else f"needs {requirement}, found {name} {have}"
