@@ -245,11 +245,23 @@ def patched_module_attributes() -> list[tuple[Any, str, Any]]:
 def activate(source: str) -> None:
     """Automatic activation (bootstrap trigger, ``import fl_patch``): apply from the environment unless
     already active. Never raises unless FL_PATCH_STRICT=1; otherwise problems become one warning."""
+    import os
+
+    env = dict(os.environ)
+    try:
+        # FL_PATCH only decides whether automatic activation happens at all, and the caller already
+        # decided it does; a bad value is warned about (by the bootstrap at start-up) and read as on.
+        settings_mod.parse_bool("FL_PATCH", env.pop("FL_PATCH", "1"))
+    except SettingsError as exc:
+        if source != "sitecustomize":
+            import warnings
+
+            warnings.warn(f"{exc} (fl_patch stays enabled)", RuntimeWarning, stacklevel=2)
     try:
         with _state.lock:
             if _state.active:
                 return
-            apply(settings_mod.load())
+            apply(settings_mod.load(env))
     except Exception as exc:
         if settings_mod.strict_from_env():
             raise

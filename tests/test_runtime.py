@@ -115,6 +115,7 @@ def test_revert_restores_identical_objects_and_cycles_work(fakelib):
 
 
 def test_apply_twice_patches_once(fakelib):
+    import fakelib.ops  # noqa: F401  (imported before apply)
 
     apply_rows(row())
     runtime.apply(runtime.current_settings())

@@ -1,14 +1,23 @@
 """torch-level targets: functions of ``torch.nn.functional`` that modules look up at call time.
 
-``nn.RMSNorm.forward`` calls ``F.rms_norm`` through the module attribute at every call, so rebinding the
-attribute reaches it and every other caller that did not bind the function early
-(``from torch.nn.functional import rms_norm`` before activation keeps the original).
+``nn.RMSNorm``, ``nn.LayerNorm`` and ``nn.Linear`` call ``F.rms_norm`` / ``F.layer_norm`` / ``F.linear``
+through the module attribute at every call (as do ``F.multi_head_attention_forward`` and transformers' sdpa
+path with ``F.scaled_dot_product_attention``), so rebinding the attribute reaches them and every other
+caller that did not bind the function early: ``from torch.nn.functional import linear`` run before
+activation keeps the original (``fl-patch status`` lists such references).
+
+``F.linear`` and ``F.scaled_dot_product_attention`` are C builtins with no Python signature; the
+replacements take the same arguments (sdpa's ``scale`` and ``enable_gqa`` keyword-only, as in the
+builtin). Tensor subclasses (DTensor, quantized weights, ...) go to the original, which dispatches them
+through ``__torch_function__``.
 """
 
 from __future__ import annotations
 
 from fl_patch.replacements import kernel_pair, like
 from fl_patch.table import Target
+
+SUBCLASS = "tensor subclass"
 
 TARGETS = [
     Target(
@@ -20,6 +29,36 @@ TARGETS = [
         variant="torch",
         requires=("torch>=2.4",),
         description="F.rms_norm and nn.RMSNorm on the provider's RMSNorm kernel",
+    ),
+    Target(
+        name="torch.layer_norm",
+        family="layer_norm",
+        module="torch",
+        attribute="torch.nn.functional.layer_norm (reaches nn.LayerNorm.forward)",
+        factory="fl_patch.integrations.torch:patch_layer_norm",
+        variant="torch",
+        requires=("torch>=2.4",),
+        description="F.layer_norm and nn.LayerNorm on the provider's LayerNorm kernel",
+    ),
+    Target(
+        name="torch.linear",
+        family="linear",
+        module="torch",
+        attribute="torch.nn.functional.linear (reaches nn.Linear.forward)",
+        factory="fl_patch.integrations.torch:patch_linear",
+        variant="torch",
+        requires=("torch>=2.4",),
+        description="F.linear and nn.Linear on the provider's GEMM",
+    ),
+    Target(
+        name="torch.scaled_dot_product_attention",
+        family="attention",
+        module="torch",
+        attribute="torch.nn.functional.scaled_dot_product_attention",
+        factory="fl_patch.integrations.torch:patch_sdpa",
+        variant="torch",
+        requires=("torch>=2.4",),
+        description="F.scaled_dot_product_attention on the provider's attention kernel",
     ),
 ]
 
@@ -43,3 +82,91 @@ def patch_rms_norm(torch_module, ctx) -> None:
         return kernel(input, normalized_shape, weight, eps)
 
     ctx.setattr(rec, functional, "rms_norm", like(rms_norm, original))
+
+
+def patch_layer_norm(torch_module, ctx) -> None:
+    """Rebind ``torch.nn.functional.layer_norm`` to a replacement with the same signature."""
+    from torch.nn import functional
+
+    from fl_patch.kernels import layer_norm as kernels
+
+    original = functional.layer_norm
+    kernel, unsupported = kernel_pair(kernels, "", ctx.provider)
+    provider = ctx.provider
+    plain, optional = _tensor_types(torch_module)
+    rec = ctx.record("torch.nn.functional.layer_norm")
+
+    def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+        if type(input) not in plain or type(weight) not in optional or type(bias) not in optional:
+            reason = SUBCLASS
+        else:
+            reason = unsupported(provider, input, normalized_shape, weight, bias)
+        if reason is not None:
+            rec.fallback(reason)
+            return original(input, normalized_shape, weight, bias, eps)
+        return kernel(input, normalized_shape, weight, bias, eps)
+
+    ctx.setattr(rec, functional, "layer_norm", like(layer_norm, original))
+
+
+def patch_linear(torch_module, ctx) -> None:
+    """Rebind ``torch.nn.functional.linear`` (a builtin: ``linear(input, weight, bias=None)``)."""
+    from torch.nn import functional
+
+    from fl_patch.kernels import linear as kernels
+
+    original = functional.linear
+    kernel, unsupported = kernel_pair(kernels, "", ctx.provider)
+    provider = ctx.provider
+    plain, optional = _tensor_types(torch_module)
+    rec = ctx.record("torch.nn.functional.linear")
+
+    def linear(input, weight, bias=None):
+        if type(input) not in plain or type(weight) not in plain or type(bias) not in optional:
+            reason = SUBCLASS
+        else:
+            reason = unsupported(provider, input, weight, bias)
+        if reason is not None:
+            rec.fallback(reason)
+            return original(input, weight, bias)
+        return kernel(input, weight, bias)
+
+    ctx.setattr(rec, functional, "linear", like(linear, original))
+
+
+def patch_sdpa(torch_module, ctx) -> None:
+    """Rebind ``torch.nn.functional.scaled_dot_product_attention`` (a builtin whose ``scale`` and
+    ``enable_gqa`` are keyword-only)."""
+    from torch.nn import functional
+
+    from fl_patch.kernels import attention as kernels
+
+    original = functional.scaled_dot_product_attention
+    kernel, unsupported = kernel_pair(kernels, "sdpa", ctx.provider)
+    provider = ctx.provider
+    plain, optional = _tensor_types(torch_module)
+    rec = ctx.record("torch.nn.functional.scaled_dot_product_attention")
+
+    def scaled_dot_product_attention(
+        query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False
+    ):
+        if (type(query) not in plain or type(key) not in plain or type(value) not in plain
+                or type(attn_mask) not in optional):
+            reason = SUBCLASS
+        else:
+            reason = unsupported(provider, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if reason is not None:
+            rec.fallback(reason)
+            return original(
+                query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+            )
+        return kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+    ctx.setattr(rec, functional, "scaled_dot_product_attention", like(scaled_dot_product_attention, original))
+
+
+def _tensor_types(torch_module) -> tuple[frozenset, frozenset]:
+    """(types the kernels take as tensors, the same or None): Tensor and Parameter. Any other type (DTensor,
+    a quantized weight, ...) is a subclass that goes to the original, reason SUBCLASS."""
+    plain = frozenset((torch_module.Tensor, torch_module.nn.Parameter))
+    return plain, plain | {type(None)}

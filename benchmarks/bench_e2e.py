@@ -1,0 +1,347 @@
+"""End-to-end benchmark: HF transformers models from a config, native vs fl_patch vs peers, in one process.
+
+For each model (Llama-style and Qwen3-style, 16 layers, hidden 2048, 16 heads / 8 KV heads, MLP 8192,
+vocab 32000, bf16, random init) and each shape (prefill 4x2048 and 1x128; one decode step with 2048 cached
+tokens at batch 1 and 16), it times these variants on the same model and inputs, and records the largest
+logit difference from HF default:
+
+    hf_sdpa (HF default), hf_eager, fl_patch, fl_patch-<family> (each family excluded in turn),
+    fl_patch+global (FlagGems aten override too), compile_hf, compile_fl_patch, liger (last: it can't revert)
+
+plus a training step (forward + backward + AdamW, 4x1024): time and peak memory for hf_sdpa, fl_patch, liger.
+Ratios are speed-ups over hf_sdpa in the same run (>1 = faster).
+
+    python benchmarks/bench_e2e.py --out benchmarks/results            # GPU, full
+    python benchmarks/bench_e2e.py --quick                              # CPU, reference kernels, tiny model
+    python benchmarks/bench_e2e.py --models llama --parts prefill,train # a subset
+
+Writes e2e.json and e2e.md to --out (and e2e_<model>.png when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import fl_patch
+
+FAMILIES = ("attention", "rms_norm", "rope", "linear", "swiglu")
+PARTS = ("prefill", "decode", "compile", "train")
+
+
+def model_config(name: str, quick: bool):
+    from transformers import LlamaConfig, Qwen3Config
+
+    if quick:
+        shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    else:
+        shape = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                     num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=4096)
+    if name == "qwen3":
+        return Qwen3Config(head_dim=shape["hidden_size"] // shape["num_attention_heads"], **shape)
+    return LlamaConfig(**shape)
+
+
+class Timer:
+    """Median wall time of a callable in ms (CUDA events on GPU)."""
+
+    def __init__(self, device: str, warmup: int, reps: int):
+        self.device, self.warmup, self.reps = device, warmup, reps
+
+    def __call__(self, fn) -> float:
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.reps):
+            if self.device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                begin = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - begin) * 1000)
+        return statistics.median(times)
+
+
+def variants(kernels: str, quick: bool, model):
+    """(name, context manager factory, compiled?) in the order they run; liger is handled separately."""
+
+    def eager():
+        @contextlib.contextmanager
+        def use_eager():
+            model.set_attn_implementation("eager")
+            try:
+                yield
+            finally:
+                model.set_attn_implementation("sdpa")
+        return use_eager()
+
+    rows = [("hf_sdpa", contextlib.nullcontext, False), ("hf_eager", eager, False),
+            ("fl_patch", lambda: fl_patch.patched(kernels=kernels), False)]
+    rows += [(f"fl_patch-{family}", (lambda f=family: fl_patch.patched(kernels=kernels, exclude=[f])), False)
+             for family in FAMILIES]
+    if not quick:
+        rows.append(("fl_patch+global", lambda: fl_patch.patched(kernels=kernels, gems_global=True), False))
+    return rows
+
+
+def inputs(shape: tuple[int, int], vocab: int, device: str):
+    generator = torch.Generator(device="cpu").manual_seed(1234)
+    return torch.randint(0, vocab, shape, generator=generator).to(device)
+
+
+def prefill_fn(model, ids):
+    def run():
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=False).logits
+    return run
+
+
+def decode_fn(model, batch: int, cached: int, vocab: int, device: str):
+    """One decode step over `cached` tokens of KV cache; the cache is cropped back after each step."""
+    from transformers import DynamicCache
+
+    ids = inputs((batch, cached), vocab, device)
+    step_ids = inputs((batch, 1), vocab, device)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    position = torch.full((batch, 1), cached, device=device)
+
+    def run():
+        with torch.no_grad():
+            out = model(input_ids=step_ids, past_key_values=cache, position_ids=position, use_cache=True).logits
+        cache.crop(cached)
+        return out
+    return run
+
+
+def max_diff(a, b) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def measure_shapes(model, name, context, timer, shapes, vocab, device, reference, compiled=False):
+    """Times every shape under `context`; returns {shape_key: {ms, max_diff}}."""
+    out = {}
+    with context():
+        target = torch.compile(model, dynamic=True) if compiled else model
+        for key, builder in shapes.items():
+            try:
+                fn = builder(target)
+                ms = timer(fn)
+                logits = fn()
+                entry = {"ms": ms, "finite": bool(torch.isfinite(logits).all())}
+                if key in reference:
+                    entry["max_diff"] = max_diff(logits, reference[key])
+                else:
+                    reference[key] = logits.detach().clone()
+                    entry["max_diff"] = 0.0
+                out[key] = entry
+            except Exception as exc:  # one variant's failure must not lose the others' figures
+                out[key] = {"error": f"{type(exc).__name__}: {exc}"}
+                traceback.print_exc()
+        if compiled:
+            torch._dynamo.reset()
+    print(f"  {name:<22} " + "  ".join(f"{k}={v.get('ms', float('nan')):.2f}ms" for k, v in out.items()), flush=True)
+    return out
+
+
+def train_step(model, ids, optimizer):
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+    return run
+
+
+def measure_train(model, context, timer, ids, device):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    with context():
+        fn = train_step(model, ids, optimizer)
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        ms = timer(fn)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+        loss = fn().item()
+    optimizer.zero_grad(set_to_none=True)
+    del optimizer
+    return {"ms": ms, "peak_gib": peak, "loss": loss}
+
+
+def apply_liger(name, model):
+    from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen3
+
+    patch = {"llama": apply_liger_kernel_to_llama, "qwen3": apply_liger_kernel_to_qwen3}[name]
+    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+
+
+def run_model(name, args, device, dtype, kernels):
+    torch.manual_seed(0)
+    config = model_config(name, args.quick)
+    model = __import__("transformers").AutoModelForCausalLM.from_config(config).to(device, dtype).eval()
+    vocab = config.vocab_size
+    timer = Timer(device, warmup=1 if args.quick else 3, reps=2 if args.quick else 10)
+    prefill_shapes = [(2, 32), (1, 8)] if args.quick else [(4, 2048), (1, 128)]
+    decode_shapes = [(1, 32), (2, 32)] if args.quick else [(1, 2048), (16, 2048)]
+    shapes = {}
+    if "prefill" in args.parts:
+        for b, s in prefill_shapes:
+            shapes[f"prefill_{b}x{s}"] = (lambda ids: lambda m: prefill_fn(m, ids))(inputs((b, s), vocab, device))
+    if "decode" in args.parts:
+        for b, c in decode_shapes:
+            shapes[f"decode_b{b}_c{c}"] = (lambda b, c: lambda m: decode_fn(m, b, c, vocab, device))(b, c)
+    result = {"forward": {}, "train": {}}
+    reference = {}
+    print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, {device}, {dtype}", flush=True)
+    for variant, context, compiled in variants(kernels, args.quick, model):
+        result["forward"][variant] = measure_shapes(model, variant, context, timer, shapes, vocab, device, reference)
+    if "compile" in args.parts and not args.quick:
+        result["forward"]["compile_hf"] = measure_shapes(
+            model, "compile_hf", contextlib.nullcontext, timer, shapes, vocab, device, reference, compiled=True)
+        result["forward"]["compile_fl_patch"] = measure_shapes(
+            model, "compile_fl_patch", lambda: fl_patch.patched(kernels=kernels), timer, shapes, vocab, device,
+            reference, compiled=True)
+    if "train" in args.parts:
+        ids = inputs((2, 64) if args.quick else (4, 1024), vocab, device)
+        model.train()
+        result["train"]["hf_sdpa"] = measure_train(model, contextlib.nullcontext, timer, ids, device)
+        result["train"]["fl_patch"] = measure_train(model, lambda: fl_patch.patched(kernels=kernels), timer, ids,
+                                                    device)
+        model.eval()
+        for variant, train in result["train"].items():
+            print(f"  train {variant:<16} {train['ms']:.1f} ms, peak {train['peak_gib']:.2f} GiB", flush=True)
+    if not args.quick and not args.no_liger:
+        try:
+            apply_liger(name, model)
+            result["forward"]["liger"] = measure_shapes(model, "liger", contextlib.nullcontext, timer, shapes, vocab,
+                                                        device, reference)
+            if "train" in args.parts:
+                model.train()
+                result["train"]["liger"] = measure_train(model, contextlib.nullcontext, timer, ids, device)
+        except Exception as exc:
+            result["forward"]["liger"] = {"error": f"{type(exc).__name__}: {exc}"}
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def markdown(results: dict) -> str:
+    """One table per model: ms per shape, ratio to hf_sdpa, max logit diff."""
+    lines = []
+    for name, result in results["models"].items():
+        forward = result["forward"]
+        keys = list(next(iter(forward.values())).keys()) if forward else []
+        lines.append(f"\n### {name}\n")
+        lines.append("| variant | " + " | ".join(f"{k} ms (x vs HF, max diff)" for k in keys) + " |")
+        lines.append("| --- |" + " --- |" * len(keys))
+        base = forward.get("hf_sdpa", {})
+        for variant, shapes in forward.items():
+            cells = []
+            for key in keys:
+                entry = shapes.get(key, {}) if isinstance(shapes, dict) else {}
+                if "ms" not in entry:
+                    cells.append(entry.get("error", shapes.get("error", "-"))[:60] if isinstance(entry, dict) else "-")
+                    continue
+                ratio = base.get(key, {}).get("ms", float("nan")) / entry["ms"]
+                nan = "" if entry.get("finite", True) else ", **NaN**"
+                cells.append(f"{entry['ms']:.2f} ({ratio:.2f}x, {entry.get('max_diff', 0):.3g}{nan})")
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        if result["train"]:
+            lines.append("\n| training step 4x1024 | ms | x vs HF | peak GiB | loss |\n| --- | --- | --- | --- | --- |")
+            base_ms = result["train"].get("hf_sdpa", {}).get("ms", float("nan"))
+            for variant, train in result["train"].items():
+                lines.append(f"| {variant} | {train['ms']:.1f} | {base_ms / train['ms']:.2f}x | "
+                             f"{train['peak_gib']:.2f} | {train['loss']:.4f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, out: Path) -> list[str]:
+    """A bar chart per model of speed-up over hf_sdpa per variant and shape (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    for name, result in results["models"].items():
+        forward = {v: s for v, s in result["forward"].items() if isinstance(s, dict) and "error" not in s}
+        keys = list(forward.get("hf_sdpa", {}).keys())
+        fig, ax = plt.subplots(figsize=(12, 5))
+        width = 0.8 / max(1, len(forward))
+        for i, (variant, shapes) in enumerate(forward.items()):
+            ratios = [forward["hf_sdpa"][k]["ms"] / shapes[k]["ms"] if "ms" in shapes.get(k, {}) else 0 for k in keys]
+            ax.bar([j + i * width for j in range(len(keys))], ratios, width, label=variant)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], keys)
+        ax.set_ylabel("speed-up over HF default (sdpa)")
+        ax.set_title(f"{name}: forward, {results['device']}")
+        ax.legend(fontsize=7, ncol=3)
+        path = out / f"e2e_{name}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="CPU, reference kernels, tiny model, seconds")
+    parser.add_argument("--models", default="llama,qwen3")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
+    parser.add_argument("--no-liger", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    fl_patch.revert()  # `import fl_patch` may have activated from the environment: every variant starts native
+    args.parts = set(args.parts.split(","))
+    unknown = args.parts - set(PARTS)
+    if unknown:
+        parser.error(f"unknown part(s) {sorted(unknown)}; accepted: {', '.join(PARTS)}")
+    use_gpu = torch.cuda.is_available() and not args.quick
+    device, dtype, kernels = ("cuda", torch.bfloat16, "gems") if use_gpu else ("cpu", torch.float32, "reference")
+    if not use_gpu and not args.quick:
+        sys.exit("bench_e2e: no GPU here; use --quick for the CPU harness check")
+    import transformers
+
+    from fl_patch.environment import describe
+
+    results = {"date": time.strftime("%Y-%m-%d"), "device": describe()["device"] if use_gpu else "cpu",
+               "versions": {k: v for k, v in describe().items() if k in ("torch", "transformers", "flag_gems",
+                                                                         "triton", "python")},
+               "transformers": transformers.__version__, "kernels": kernels, "quick": args.quick, "models": {}}
+    for name in args.models.split(","):
+        results["models"][name] = run_model(name, args, device, dtype, kernels)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    (out / f"e2e{suffix}.json").write_text(json.dumps(results, indent=2))
+    table = markdown(results)
+    (out / f"e2e{suffix}.md").write_text(f"# End-to-end, {results['device']}, {results['date']}\n{table}\n")
+    print(table)
+    if not args.quick:
+        for path in plot(results, out):
+            print("chart:", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+"""gems_global integration (being written)."""
+
+TARGETS = []

@@ -1,0 +1,3 @@
+"""lightx2v integration (being written)."""
+
+TARGETS = []

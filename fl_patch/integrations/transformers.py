@@ -1,0 +1,668 @@
+"""transformers integration: attention through ``AttentionInterface``, and RMSNorm, rope and the SwiGLU MLP in
+every ``transformers.models.*.modeling_*`` module, recognised by the shape of their code, not by model name.
+
+Attention. The ``"flagos"`` row registers an attention function under that name (with the sdpa mask builder
+in ``AttentionMaskInterface``, so padded batches get a mask) for ``attn_implementation="flagos"``; the
+``"sdpa"`` row puts the same function under ``"sdpa"``, the default, so unchanged code runs on it. Either
+way the original ``"sdpa"`` function takes the calls the kernel can't honour. Both write the class-level
+``_global_mapping`` dicts that every interface instance reads (there is no unregister: revert restores them).
+
+RMSNorm, rope, MLP. Each modeling module's own classes and its ``apply_rotary_pos_emb`` are compared with the
+known forms below, written as source text (data): the AST of a function, without decorators, annotations
+and docstring, with its locals renamed in order and ``self.variance_epsilon`` / ``self.eps`` read as one
+name, plus the same for every Python function it calls by global name or as ``self.<method>``
+(``rotate_half``, ``_norm``). A class or function whose shape equals a known form is patched (a class at
+class level, reaching existing instances; a function by rebinding the module global); any other is left
+original and reported with the reason. A new model is covered when its code has a known form. Shapes are
+cached per code object, so each function is parsed once per process.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import textwrap
+import types
+from collections.abc import Callable
+from typing import NamedTuple
+
+from fl_patch.replacements import kernel_pair, like
+from fl_patch.table import Target
+
+MODELING = "transformers.models.*.modeling_*"
+_HERE = "fl_patch.integrations.transformers"
+_NEEDS = ("transformers>=5.0",)
+
+TARGETS = [
+    Target(
+        name="transformers.attention",
+        family="attention",
+        module="transformers.modeling_utils",
+        attribute="AttentionInterface['flagos'], AttentionMaskInterface['flagos']",
+        factory=f"{_HERE}:patch_attention_name",
+        variant="flagos",
+        requires=_NEEDS,
+        description='attn_implementation="flagos" on the provider\'s sdpa kernel',
+    ),
+    Target(
+        name="transformers.attention.sdpa",
+        family="attention",
+        module="transformers.modeling_utils",
+        attribute="AttentionInterface['sdpa'] (the default implementation)",
+        factory=f"{_HERE}:patch_attention_sdpa",
+        variant="sdpa",
+        requires=_NEEDS,
+        description='the default attn_implementation="sdpa" on the provider\'s sdpa kernel',
+    ),
+    Target(
+        name="transformers.rms_norm",
+        family="rms_norm",
+        module=MODELING,
+        attribute="*RMSNorm.forward of a known form, per modeling module",
+        factory=f"{_HERE}:patch_rms_norm",
+        requires=_NEEDS,
+        description="RMSNorm classes in the Llama, Gemma (1 + w) or fp32-weight form",
+    ),
+    Target(
+        name="transformers.rope",
+        family="rope",
+        module=MODELING,
+        attribute="apply_rotary_pos_emb of a known form, per modeling module",
+        factory=f"{_HERE}:patch_rope",
+        requires=_NEEDS,
+        description="apply_rotary_pos_emb in the Llama form (full or partial rotary)",
+    ),
+    Target(
+        name="transformers.swiglu",
+        family="swiglu",
+        module=MODELING,
+        attribute="MLP.forward of the form down_proj(act_fn(gate_proj(x)) * up_proj(x)), per modeling module",
+        factory=f"{_HERE}:patch_swiglu",
+        requires=_NEEDS,
+        description="the gated MLP's silu(gate) * up on the provider's SwiGLU kernel",
+    ),
+]
+
+# ---------------------------------------------------------------------------------------------------------
+# Known forms. Each is source text copied from transformers; a form may have several writings. Only exact
+# forms belong here: one that differs in what it computes (a weight that may be absent, a clamp, a scale)
+# is another form, and stays original unless a kernel with its semantics is added here.
+
+# RMSNorm: the class's forward and the methods it calls. variant -> writings.
+RMS_NORM_FORMS = {
+    # LlamaRMSNorm: normalise in fp32, cast to the input dtype, then weight * x (promoted dtype).
+    "hf": (
+        """
+        class LlamaRMSNorm:
+            def forward(self, hidden_states):
+                input_dtype = hidden_states.dtype
+                hidden_states = hidden_states.to(torch.float32)
+                variance = hidden_states.pow(2).mean(-1, keepdim=True)
+                hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+                return self.weight * hidden_states.to(input_dtype)
+        """,
+        """
+        class Llama4TextRMSNorm:
+            def _norm(self, x):
+                return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+            def forward(self, x):
+                output = self._norm(x.float()).type_as(x)
+                return output * self.weight
+        """,
+    ),
+    # GemmaRMSNorm: all in fp32, norm(x) * (1 + weight), cast back.
+    "gemma": (
+        """
+        class GemmaRMSNorm:
+            def _norm(self, x):
+                return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+            def forward(self, x):
+                output = self._norm(x.float())
+                output = output * (1.0 + self.weight.float())
+                return output.type_as(x)
+        """,
+    ),
+    # The weight multiplied in fp32 before the cast back to the input dtype (FlagGems' own rms_norm order).
+    "fp32_weight": (
+        """
+        class AfmoeRMSNorm:
+            def forward(self, hidden_states):
+                input_dtype = hidden_states.dtype
+                hidden_states = hidden_states.to(torch.float32)
+                variance = hidden_states.pow(2).mean(-1, keepdim=True)
+                hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+                return (self.weight * hidden_states).to(input_dtype)
+        """,
+        """
+        class HeliumRMSNorm:
+            def forward(self, hidden_states):
+                input_dtype = hidden_states.dtype
+                hidden_states = hidden_states.to(torch.float32)
+                variance = hidden_states.pow(2).mean(-1, keepdim=True)
+                hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+                return (self.weight.to(torch.float32) * hidden_states).to(input_dtype)
+        """,
+        """
+        class MoshiRMSNorm:
+            def _norm(self, x):
+                return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+            def forward(self, x):
+                output = self._norm(x.float())
+                output = output * self.weight.float()
+                return output.type_as(x)
+        """,
+    ),
+}
+
+# variant -> (kernel form in fl_patch.kernels.rms_norm, cast the result back to the input dtype)
+RMS_NORM_KERNELS = {"hf": ("hf", False), "gemma": ("gemma", False), "fp32_weight": ("hf", True)}
+
+ROTATE_HALF = """
+def rotate_half(x):
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+"""
+
+# apply_rotary_pos_emb, with the (q, k, cos, sin, unsqueeze_dim=1) signature; variant -> writings.
+ROPE_FORMS = {
+    # Llama's, and the partial-rotary writings (rotate the first cos.shape[-1] channels), which equal it when
+    # cos covers the head dim; the kernel does both.
+    "hf": (
+        ROTATE_HALF + """
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed, k_embed
+""",
+        ROTATE_HALF + """
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    rotary_dim = cos.shape[-1]
+    q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]
+    k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
+    q_embed = (q_rot * cos) + (rotate_half(q_rot) * sin)
+    k_embed = (k_rot * cos) + (rotate_half(k_rot) * sin)
+    q_embed = torch.cat([q_embed, q_pass], dim=-1)
+    k_embed = torch.cat([k_embed, k_pass], dim=-1)
+    return q_embed, k_embed
+""",
+        ROTATE_HALF + """
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    rotary_dim = cos.shape[-1]
+    q_rot, q_pass = q[..., :rotary_dim], q[..., rotary_dim:]
+    k_rot, k_pass = k[..., :rotary_dim], k[..., rotary_dim:]
+    q_embed = torch.cat([(q_rot * cos) + (rotate_half(q_rot) * sin), q_pass], dim=-1)
+    k_embed = torch.cat([(k_rot * cos) + (rotate_half(k_rot) * sin), k_pass], dim=-1)
+    return q_embed, k_embed
+""",
+        ROTATE_HALF + """
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    rot_dim = cos.shape[-1]
+    q, q_pass = q[..., :rot_dim], q[..., rot_dim:]
+    k, k_pass = k[..., :rot_dim], k[..., rot_dim:]
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return torch.cat((q_embed, q_pass), dim=-1), torch.cat((k_embed, k_pass), dim=-1)
+""",
+    ),
+    # OLMo's: Llama's, then each result cast back to its input's dtype.
+    "hf_cast": (
+        ROTATE_HALF + """
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+    q_type, k_type = q.dtype, k.dtype
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (rotate_half(q) * sin)
+    k_embed = (k * cos) + (rotate_half(k) * sin)
+    return q_embed.to(q_type), k_embed.to(k_type)
+""",
+    ),
+}
+ROPE_PARAMETERS = (("q", inspect.Parameter.empty), ("k", inspect.Parameter.empty), ("cos", inspect.Parameter.empty),
+                   ("sin", inspect.Parameter.empty), ("unsqueeze_dim", 1))
+
+SWIGLU_FORMS = {
+    "swiglu": (
+        """
+        class LlamaMLP:
+            def forward(self, x):
+                down_proj = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+                return down_proj
+        """,
+        """
+        class Idefics2MLP:
+            def forward(self, x):
+                return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        """,
+    ),
+}
+# A class is a SwiGLU candidate (and gets a report record) when its forward names all of these.
+SWIGLU_NAMES = frozenset({"down_proj", "gate_proj", "up_proj"})
+
+EPS_ATTRIBUTES = ("variance_epsilon", "eps")  # read as one name when comparing shapes
+
+# ---------------------------------------------------------------------------------------------------------
+# Shapes
+
+
+class Form(NamedTuple):
+    """What :func:`classify` found. variant None: no known form, see reason."""
+
+    variant: str | None
+    reason: str = ""
+    eps: str = ""  # the eps attribute the code reads (RMSNorm)
+    helpers: frozenset[str] = frozenset()  # methods of self the form calls
+
+
+class _Normaliser(ast.NodeTransformer):
+    """Rewrites one function in place: locals renamed in order of appearance, ``self.<eps>`` -> ``self.EPS``;
+    collects the eps names seen and the calls to globals and to ``self`` methods."""
+
+    def __init__(self, local_names: set[str]):
+        self.local_names = local_names
+        self.renamed: dict[str, str] = {}
+        self.eps: set[str] = set()
+        self.calls: set[tuple[str, str]] = set()
+
+    def _rename(self, name: str) -> str:
+        return self.renamed.setdefault(name, f"_{len(self.renamed)}") if name in self.local_names else name
+
+    def visit_arg(self, node: ast.arg) -> ast.arg:
+        node.arg, node.annotation = self._rename(node.arg), None
+        return node
+
+    def visit_Name(self, node: ast.Name) -> ast.Name:
+        node.id = self._rename(node.id)
+        return node
+
+    def visit_Attribute(self, node: ast.Attribute) -> ast.Attribute:
+        if _is_self(node.value) and node.attr in EPS_ATTRIBUTES:
+            self.eps.add(node.attr)
+            node.attr = "EPS"
+        self.generic_visit(node)
+        return node
+
+    def visit_Call(self, node: ast.Call) -> ast.Call:
+        func = node.func
+        if isinstance(func, ast.Name) and func.id not in self.local_names:
+            self.calls.add(("global", func.id))
+        elif isinstance(func, ast.Attribute) and _is_self(func.value):
+            self.calls.add(("self", func.attr))
+        self.generic_visit(node)
+        return node
+
+
+def _is_self(node: ast.AST) -> bool:
+    return isinstance(node, ast.Name) and node.id == "self"
+
+
+@functools.lru_cache(maxsize=None)
+def _normalised(text: str) -> tuple[str, frozenset[str], frozenset[tuple[str, str]]] | None:
+    """(normalised AST dump, eps names, calls) of the function whose dedented source is `text`; None if
+    `text` is not one function definition."""
+    try:
+        node = ast.parse(text).body[0]
+    except (SyntaxError, IndexError):
+        return None
+    if not isinstance(node, ast.FunctionDef):
+        return None
+    node.decorator_list, node.returns, node.name = [], None, "_"
+    first = node.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        node.body = node.body[1:] or [ast.Pass()]  # the docstring
+    arguments = node.args.posonlyargs + node.args.args + node.args.kwonlyargs
+    local_names = {a.arg for a in arguments if a.arg != "self"}
+    local_names |= {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    normaliser = _Normaliser(local_names)
+    normaliser.visit(node)
+    return ast.dump(node), frozenset(normaliser.eps), frozenset(normaliser.calls)
+
+
+def _shape(source: Callable[[str, str], str | None]) -> tuple[str, frozenset[str], frozenset[str]]:
+    """(shape, eps names, self methods) of the function ``source("entry", "")`` and every Python function it
+    calls, recursively (``source(kind, name)``: kind ``"self"`` or ``"global"``; None = not a Python function).
+    Equal shapes mean equal code up to local names and the eps attribute's name."""
+    parts, eps, helpers, seen, todo = [], set(), set(), set(), [("entry", "")]
+    while todo:
+        kind, name = todo.pop()
+        text = None if (kind, name) in seen else source(kind, name)
+        seen.add((kind, name))
+        if text is None:
+            continue
+        if kind == "self":
+            helpers.add(name)
+        normalised = _normalised(text)
+        if normalised is None:
+            parts.append(f"{kind}.{name}: unreadable")
+            continue
+        dump, names, calls = normalised
+        parts.append(f"{kind}.{name}: {dump}")
+        eps |= names
+        todo.extend(sorted(calls))
+    return "\n".join(sorted(parts)), frozenset(eps), frozenset(helpers)
+
+
+@functools.lru_cache(maxsize=None)
+def _code_source(code: types.CodeType) -> str | None:
+    """The dedented source of a code object's function, or None when it can't be read."""
+    try:
+        return textwrap.dedent(inspect.getsource(code))
+    except (OSError, TypeError):
+        return None
+
+
+def _function_source(obj: object) -> str | None:
+    """Source of a plain, undecorated Python function (a wrapper's source would not be what runs)."""
+    if not isinstance(obj, types.FunctionType) or hasattr(obj, "__wrapped__"):
+        return None
+    return _code_source(obj.__code__)
+
+
+def _live_source(entry: types.FunctionType, owner: type | None) -> Callable[[str, str], str | None]:
+    """A `source` for :func:`_shape` over live objects: ``self`` methods looked up on `owner`, globals in the
+    entry function's module."""
+
+    def source(kind: str, name: str) -> str | None:
+        if kind == "entry":
+            return _function_source(entry)
+        if kind == "self":
+            return _function_source(inspect.getattr_static(owner, name, None)) if owner is not None else None
+        return _function_source(entry.__globals__.get(name))
+
+    return source
+
+
+def _text_source(text: str, entry: str) -> Callable[[str, str], str | None]:
+    """A `source` for :func:`_shape` over a form's text: a class (its methods are ``self``) or functions;
+    `entry` names the function that runs."""
+    tree = ast.parse(textwrap.dedent(text))
+    functions, methods = {}, {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            methods.update({m.name: ast.unparse(m) for m in node.body if isinstance(m, ast.FunctionDef)})
+        elif isinstance(node, ast.FunctionDef):
+            functions[node.name] = ast.unparse(node)
+
+    def source(kind: str, name: str) -> str | None:
+        if kind == "entry":
+            return methods.get(entry) or functions.get(entry)
+        return (methods if kind == "self" else functions).get(name)
+
+    return source
+
+
+# form table name -> (the table, the name of the function that runs)
+_FORM_TABLES = {
+    "rms_norm": (RMS_NORM_FORMS, "forward"),
+    "rope": (ROPE_FORMS, "apply_rotary_pos_emb"),
+    "swiglu": (SWIGLU_FORMS, "forward"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _known_shapes(table: str) -> dict[str, str]:
+    """shape -> variant for one form table (parsed once)."""
+    forms, entry = _FORM_TABLES[table]
+    return {_shape(_text_source(text, entry))[0]: variant for variant, writings in forms.items() for text in writings}
+
+
+def classify(table: str, function: types.FunctionType, owner: type | None = None) -> Form:
+    """Which known form of `table` (``"rms_norm"``, ``"rope"``, ``"swiglu"``) `function` has: a method of
+    `owner`, or a module-level function (owner None)."""
+    source = _live_source(function, owner)
+    if source("entry", "") is None:
+        return Form(None, "source unavailable, or wrapped by a decorator")
+    shape, eps, helpers = _shape(source)
+    variant = _known_shapes(table).get(shape)
+    if variant is None:
+        return Form(None, f"code matches no known {table} form")
+    if len(eps) > 1:
+        return Form(None, f"reads several eps attributes: {', '.join(sorted(eps))}")
+    return Form(variant, eps=next(iter(eps), ""), helpers=helpers)
+
+
+def _own_classes(module: types.ModuleType) -> list[type]:
+    """Classes defined in `module` (not imported into it), in definition order."""
+    return [c for c in vars(module).values() if isinstance(c, type) and c.__module__ == module.__name__]
+
+
+def _own_forward(cls: type) -> types.FunctionType | None:
+    forward = vars(cls).get("forward")
+    return forward if isinstance(forward, types.FunctionType) else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Attention
+
+# Keyword arguments sdpa_attention_forward ignores: bookkeeping, or already in the mask the sdpa mask builder
+# made (sliding_window). Any other keyword, when set, goes to the original.
+ATTENTION_NEUTRAL_KWARGS = frozenset({
+    "is_causal", "position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value",
+    "sliding_window", "layer_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+    "position_embeddings",
+})
+
+
+def _attention_refusal(dropout: float, kwargs: dict) -> str | None:
+    """Why the kernel can't stand in for sdpa_attention_forward on this call (None: it can)."""
+    if dropout:
+        return "dropout"
+    for name, value in kwargs.items():
+        if name not in ATTENTION_NEUTRAL_KWARGS and value is not None and value is not False:
+            return name  # softcap, s_aux sinks, position_bias, a paged cache, output_attentions, unknown
+    return None
+
+
+def _attention_function(ctx, rec, original: Callable) -> Callable:
+    """An AttentionInterface function on the provider's sdpa kernel that decides causality exactly as
+    transformers' ``sdpa_attention_forward`` does and hands every call it can't take to `original`."""
+    from fl_patch.kernels import attention as kernels
+
+    kernel, unsupported = kernel_pair(kernels, "sdpa", ctx.provider)
+    provider = ctx.provider
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        reason = _attention_refusal(dropout, kwargs)
+        if reason is None:
+            q_length = query.shape[2]
+            is_causal = kwargs.get("is_causal")
+            is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+            is_causal = q_length > 1 and attention_mask is None and is_causal
+            k, v = key, value
+            if is_causal and k.shape[2] > q_length:  # prefill into an empty static cache, as sdpa does
+                k, v = k[:, :, :q_length], v[:, :, :q_length]
+            enable_gqa = query.shape[1] != k.shape[1]
+            reason = unsupported(provider, query, k, v, attention_mask, dropout, is_causal, scaling, enable_gqa)
+            if reason is None:
+                out = kernel(query, k, v, attn_mask=attention_mask, is_causal=is_causal, scale=scaling,
+                             enable_gqa=enable_gqa)
+                return out.transpose(1, 2).contiguous(), None
+        rec.fallback(reason)
+        return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+    return like(attention, original)
+
+
+def patch_attention_name(modeling_utils, ctx) -> None:
+    """Register ``"flagos"`` in AttentionInterface and, with the sdpa mask builder, in AttentionMaskInterface.
+
+    Runs before the ``"sdpa"`` row (table order), so its fallback is the original sdpa function.
+    """
+    from transformers import masking_utils
+
+    original = modeling_utils.ALL_ATTENTION_FUNCTIONS["sdpa"]
+    rec = ctx.record("transformers.AttentionInterface['flagos']")
+    ctx.setitem(rec, modeling_utils.AttentionInterface._global_mapping, "flagos",
+                _attention_function(ctx, rec, original))
+    mask_rec = ctx.record("transformers.masking_utils.AttentionMaskInterface['flagos']")
+    ctx.setitem(mask_rec, masking_utils.AttentionMaskInterface._global_mapping, "flagos",
+                masking_utils.ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+
+def patch_attention_sdpa(modeling_utils, ctx) -> None:
+    """Put the kernel under ``"sdpa"``, the default; the original sdpa function stays its fallback."""
+    rec = ctx.record("transformers.AttentionInterface['sdpa']")
+    local = modeling_utils.ALL_ATTENTION_FUNCTIONS._local_mapping.get("sdpa")
+    if local is not None:
+        ctx.skip(rec, f"ALL_ATTENTION_FUNCTIONS['sdpa'] is overridden by {getattr(local, '__qualname__', local)}")
+        return
+    mapping = modeling_utils.AttentionInterface._global_mapping
+    ctx.setitem(rec, mapping, "sdpa", _attention_function(ctx, rec, mapping["sdpa"]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RMSNorm, rope, SwiGLU
+
+
+def _rms_norm_forward(kernel, unsupported, provider: str, original, rec, eps_name: str, cast_back: bool):
+    def forward(self, hidden_states):
+        weight = self.weight
+        reason = unsupported(provider, hidden_states, weight)
+        if reason is not None:
+            rec.fallback(reason)
+            return original(self, hidden_states)
+        out = kernel(hidden_states, weight, getattr(self, eps_name))
+        return out.to(hidden_states.dtype) if cast_back else out
+
+    return like(forward, original)
+
+
+def patch_rms_norm(module, ctx) -> None:
+    """Patch ``forward`` of every ``*RMSNorm`` class defined in `module` that has a known form.
+
+    A class that inherits its forward is covered where that forward is defined, unless it overrides a method
+    the patched form calls (then it gets the original forward back).
+    """
+    from fl_patch.kernels import rms_norm as kernels
+
+    for cls in _own_classes(module):
+        if "RMSNorm" not in cls.__name__:
+            continue
+        original = _own_forward(cls)
+        if original is None:
+            _keep_overridden_helpers(cls, ctx)
+            continue
+        variant, detail = classify("rms_norm", original, cls)
+        rec = ctx.record(f"{module.__name__}.{cls.__qualname__}.forward", variant=variant)
+        if variant is None:
+            ctx.skip(rec, detail)
+            continue
+        form, cast_back = RMS_NORM_KERNELS[variant]
+        kernel, unsupported = kernel_pair(kernels, form, ctx.provider)
+        forward = _rms_norm_forward(kernel, unsupported, ctx.provider, original, rec, detail, cast_back)
+        _mark_helpers(forward, original, cls)
+        ctx.setattr(rec, cls, "forward", forward)
+
+
+def _rope_function(kernel, unsupported, provider: str, original, rec, cast_back: bool):
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        reason = unsupported(provider, q, k, cos, sin, unsqueeze_dim)
+        if reason is not None:
+            rec.fallback(reason)
+            return original(q, k, cos, sin, unsqueeze_dim)
+        q_embed, k_embed = kernel(q, k, cos, sin, unsqueeze_dim)
+        return (q_embed.to(q.dtype), k_embed.to(k.dtype)) if cast_back else (q_embed, k_embed)
+
+    return like(apply_rotary_pos_emb, original)
+
+
+def patch_rope(module, ctx) -> None:
+    """Rebind `module`'s ``apply_rotary_pos_emb`` global when it has a known form and signature."""
+    from fl_patch.kernels import rope as kernels
+
+    original = vars(module).get("apply_rotary_pos_emb")
+    if original is None:
+        return
+    where = f"{module.__name__}.apply_rotary_pos_emb"
+    variant, reason = classify("rope", original) if callable(original) else (None, "not a function")
+    if variant is not None and _parameters(original) != ROPE_PARAMETERS:
+        variant, reason = None, f"signature {inspect.signature(original)} is not (q, k, cos, sin, unsqueeze_dim=1)"
+    rec = ctx.record(where, variant=variant)
+    if variant is None:
+        ctx.skip(rec, reason)
+        return
+    kernel, unsupported = kernel_pair(kernels, "hf", ctx.provider)
+    replacement = _rope_function(kernel, unsupported, ctx.provider, original, rec, variant == "hf_cast")
+    ctx.setattr(rec, module, "apply_rotary_pos_emb", replacement)
+
+
+def _parameters(function: Callable) -> tuple:
+    return tuple((p.name, p.default) for p in inspect.signature(function).parameters.values())
+
+
+def _swiglu_forward(kernel, unsupported, provider: str, original, rec, silu_types: tuple[type, ...]):
+    def forward(self, x):
+        act_fn = self.act_fn
+        if type(act_fn) not in silu_types:
+            rec.fallback("act_fn is not SiLU")
+            return original(self, x)
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        reason = unsupported(provider, gate, up)
+        if reason is not None:
+            rec.fallback(reason)
+            return self.down_proj(act_fn(gate) * up)
+        return self.down_proj(kernel(gate, up))
+
+    return like(forward, original)
+
+
+def patch_swiglu(module, ctx) -> None:
+    """Patch ``forward`` of every class in `module` whose forward is ``down_proj(act_fn(gate_proj(x)) *
+    up_proj(x))``; calls run on the kernel when the instance's ``act_fn`` is SiLU."""
+    from torch import nn
+    from transformers import activations
+
+    from fl_patch.kernels import swiglu as kernels
+
+    silu_types = (activations.SiLUActivation, nn.SiLU)
+    for cls in _own_classes(module):
+        original = _own_forward(cls)
+        if original is None:
+            _keep_overridden_helpers(cls, ctx)
+            continue
+        if not SWIGLU_NAMES <= set(original.__code__.co_names):
+            continue
+        variant, detail = classify("swiglu", original, cls)
+        rec = ctx.record(f"{module.__name__}.{cls.__qualname__}.forward", variant=variant)
+        if variant is None:
+            ctx.skip(rec, detail)
+            continue
+        kernel, unsupported = kernel_pair(kernels, "", ctx.provider)
+        forward = _swiglu_forward(kernel, unsupported, ctx.provider, original, rec, silu_types)
+        _mark_helpers(forward, original, cls)
+        ctx.setattr(rec, cls, "forward", forward)
+
+
+# A patched forward lists the methods its form calls on self; a subclass that overrides one of them and
+# inherits the forward must not get the kernel (it would skip the override).
+_HELPERS_ATTRIBUTE = "_fl_patch_helpers"
+
+
+def _mark_helpers(forward: Callable, original: types.FunctionType, cls: type) -> None:
+    _, _, calls = _normalised(_function_source(original))
+    helpers = {name for kind, name in calls if kind == "self"
+               and isinstance(inspect.getattr_static(cls, name, None), types.FunctionType)}
+    setattr(forward, _HELPERS_ATTRIBUTE, frozenset(helpers))
+
+
+def _keep_overridden_helpers(cls: type, ctx) -> None:
+    """Give `cls` the original forward back if it inherits a patched one and overrides a method it calls."""
+    inherited = inspect.getattr_static(cls, "forward", None)
+    helpers = getattr(inherited, _HELPERS_ATTRIBUTE, ())
+    overridden = sorted(name for name in helpers if name in vars(cls))
+    if overridden:
+        rec = ctx.record(f"{cls.__module__}.{cls.__qualname__}.forward")
+        ctx.setattr(rec, cls, "forward", inherited.__wrapped__)
+        ctx.skip(rec, f"overrides {', '.join(overridden)}, which the inherited patched forward would skip")
