@@ -5,7 +5,8 @@ vocab 32000, bf16, random init) and each shape (prefill 4x2048 and 1x128; one de
 tokens at batch 1 and 16), it times these variants on the same model and inputs, and records the largest
 logit difference from HF default:
 
-    hf_sdpa (HF default), hf_eager, fl_patch, fl_patch-<family> (each family excluded in turn),
+    hf_sdpa (HF default), hf_eager, fl_patch (defaults: families FlagGems is slower at stay native),
+    fl_patch_all (every family on FlagGems), fl_patch_all-<family> (each family left out in turn),
     fl_patch+global (FlagGems aten override too), compile_hf, compile_fl_patch, liger (last: it can't revert)
 
 plus a training step (forward + backward + AdamW, 4x1024): time and peak memory for hf_sdpa, fl_patch, liger.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
 import sys
@@ -77,7 +79,7 @@ class Timer:
 
 
 def variants(kernels: str, quick: bool, model):
-    """(name, context manager factory, compiled?) in the order they run; liger is handled separately."""
+    """(name, context manager factory) in the order they run; compiled variants and liger come after."""
 
     def eager():
         @contextlib.contextmanager
@@ -89,12 +91,15 @@ def variants(kernels: str, quick: bool, model):
                 model.set_attn_implementation("sdpa")
         return use_eager()
 
-    rows = [("hf_sdpa", contextlib.nullcontext, False), ("hf_eager", eager, False),
-            ("fl_patch", lambda: fl_patch.patched(kernels=kernels), False)]
-    rows += [(f"fl_patch-{family}", (lambda f=family: fl_patch.patched(kernels=kernels, exclude=[f])), False)
+    everything = list(FAMILIES)
+    rows = [("hf_sdpa", contextlib.nullcontext), ("hf_eager", eager),
+            ("fl_patch", lambda: fl_patch.patched(kernels=kernels)),
+            ("fl_patch_all", lambda: fl_patch.patched(kernels=kernels, include=everything))]
+    rows += [(f"fl_patch_all-{family}",
+              (lambda f=family: fl_patch.patched(kernels=kernels, include=[x for x in everything if x != f])))
              for family in FAMILIES]
     if not quick:
-        rows.append(("fl_patch+global", lambda: fl_patch.patched(kernels=kernels, gems_global=True), False))
+        rows.append(("fl_patch+global", lambda: fl_patch.patched(kernels=kernels, gems_global=True)))
     return rows
 
 
@@ -111,7 +116,7 @@ def prefill_fn(model, ids):
 
 
 def decode_fn(model, batch: int, cached: int, vocab: int, device: str):
-    """One decode step over `cached` tokens of KV cache; the cache is cropped back after each step."""
+    """One decode step over `cached` tokens of KV cache; the step is cropped off again after each call."""
     from transformers import DynamicCache
 
     ids = inputs((batch, cached), vocab, device)
@@ -124,7 +129,7 @@ def decode_fn(model, batch: int, cached: int, vocab: int, device: str):
     def run():
         with torch.no_grad():
             out = model(input_ids=step_ids, past_key_values=cache, position_ids=position, use_cache=True).logits
-        cache.crop(cached)
+        cache.crop(-1)  # drop the step just added: negative = tokens to remove, in every 5.x
         return out
     return run
 
@@ -203,14 +208,14 @@ def run_model(name, args, device, dtype, kernels):
     shapes = {}
     if "prefill" in args.parts:
         for b, s in prefill_shapes:
-            shapes[f"prefill_{b}x{s}"] = (lambda ids: lambda m: prefill_fn(m, ids))(inputs((b, s), vocab, device))
+            shapes[f"prefill_{b}x{s}"] = functools.partial(prefill_fn, ids=inputs((b, s), vocab, device))
     if "decode" in args.parts:
         for b, c in decode_shapes:
-            shapes[f"decode_b{b}_c{c}"] = (lambda b, c: lambda m: decode_fn(m, b, c, vocab, device))(b, c)
+            shapes[f"decode_b{b}_c{c}"] = functools.partial(decode_fn, batch=b, cached=c, vocab=vocab, device=device)
     result = {"forward": {}, "train": {}}
     reference = {}
     print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, {device}, {dtype}", flush=True)
-    for variant, context, compiled in variants(kernels, args.quick, model):
+    for variant, context in variants(kernels, args.quick, model):
         result["forward"][variant] = measure_shapes(model, variant, context, timer, shapes, vocab, device, reference)
     if "compile" in args.parts and not args.quick:
         result["forward"]["compile_hf"] = measure_shapes(

@@ -65,8 +65,9 @@ def main() -> None:
     print(format_table(shown))
     valid = attention_mask.bool()
     diff = (patched.float() - native.float())[valid].abs().max().item()
-    print(f"\nmodel {args.model} ({device}, {dtype}), kernels={kernels}: {sum(r['state'] == 'patched' for r in report)} "
-          f"places patched; max |patched - native| logit difference on real tokens: {diff:.3g}")
+    count = sum(r["state"] == "patched" for r in report)
+    print(f"\nmodel {args.model} ({device}, {dtype}), kernels={kernels}: {count} places patched; "
+          f"max |patched - native| logit difference on real tokens: {diff:.3g}")
 
 
 if __name__ == "__main__":

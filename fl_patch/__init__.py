@@ -29,7 +29,7 @@ def apply(
     """Patch now (modules already imported) and on import (the rest).
 
     include / exclude: op families (``attention``, ``rms_norm``, ``rope``, ``linear``, ``swiglu``,
-    ``layer_norm``, ``gems_global``, ``distributed``) or target names; a list or a comma string.
+    ``layer_norm``, ``gems_global``, ``distributed``, ``platform``) or target names; a list or a comma string.
     kernels: ``"gems"`` or ``"reference"``. Arguments left None come from ``FL_PATCH_*`` variables,
     then defaults. Applying again with different settings reverts first. Raises SettingsError (a
     ValueError) naming the bad value and what is accepted.

@@ -121,9 +121,24 @@ def _run_row(target: table.Target, module: Any) -> None:
         problem = _unmet_requirement(target)
         if problem:
             raise Skip(problem)
-        provider = _resolve_provider(target, s) if target.family in table.KERNEL_FAMILIES else None
+        provider, no_provider = None, ""
+        if target.family in table.KERNEL_FAMILIES:
+            from fl_patch import performance
+
+            slower = performance.held_back(target, s)
+            if slower:
+                raise Skip(slower)
+            try:
+                provider = _resolve_provider(target, s)
+            except Skip as why:
+                if not target.runs_without_kernels:
+                    raise
+                no_provider = str(why)
         ctx = PatchContext(target, module, s, provider)
         target.load_factory()(module, ctx)
+        for rec in ctx.records:
+            if no_provider and not rec.reason:
+                rec.reason = no_provider
         _state.records.extend(ctx.records)
     except Skip as why:
         if ctx is not None:

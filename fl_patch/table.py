@@ -25,7 +25,9 @@ log = logging.getLogger("fl_patch")
 ENTRY_POINT_GROUP = "fl_patch.patches"
 
 # The op families. A family name in include/exclude selects every row of that family.
-FAMILIES = ("attention", "rms_norm", "rope", "linear", "swiglu", "layer_norm", "gems_global", "distributed")
+FAMILIES = (
+    "attention", "rms_norm", "rope", "linear", "swiglu", "layer_norm", "gems_global", "distributed", "platform",
+)
 
 # Families that need a kernel provider (FlagGems or the torch reference); the others change other things.
 KERNEL_FAMILIES = ("attention", "rms_norm", "rope", "linear", "swiglu", "layer_norm")
@@ -43,6 +45,11 @@ class Target:
     factory: ``"package.module:function"``, called as ``factory(module, ctx)``.
     variant: which form of the op the row handles (``"default"``, ``"gemma"``, ...).
     requires: distribution requirements such as ``"transformers>=5.0"``; unmet -> the row is skipped.
+    runs_without_kernels: for kernel families, run the factory with ``ctx.provider = None`` when no kernel
+        provider can be used (instead of skipping the row); the factory must then install torch-only
+        behaviour (e.g. registry keys that other code names and must find).
+    explicit_choice: the row installs something the user's own code or config must name to use
+        (``attn_implementation="flagos"``, a ``flagos_*`` key); performance defaults never hold it back.
     description: one line for ``fl-patch status``.
     """
 
@@ -53,6 +60,8 @@ class Target:
     factory: str
     variant: str = "default"
     requires: tuple[str, ...] = ()
+    runs_without_kernels: bool = False
+    explicit_choice: bool = False
     description: str = ""
 
     def __post_init__(self):

@@ -28,6 +28,7 @@ def _drop_standin_modules():
 def standin(monkeypatch):
     monkeypatch.syspath_prepend(str(STANDIN))
     monkeypatch.setenv("PLATFORM", "cpu")
+    monkeypatch.setenv("FL_PATCH_AUTO", "0")  # fl_patch's lightx2v.platform_plugins entry point stays idle
     for name in ("SKIP_PLATFORM_CHECK", "DTYPE", "SENSITIVE_LAYER_DTYPE"):
         monkeypatch.delenv(name, raising=False)
     _drop_standin_modules()

@@ -117,7 +117,7 @@ def test_revert_restores_identical_objects_and_cycles_work(fakelib):
 def test_apply_twice_patches_once(fakelib):
     import fakelib.ops  # noqa: F401  (imported before apply)
 
-    apply_rows(row())
+    apply_rows(row(), include=("fake.op",))
     runtime.apply(runtime.current_settings())
     assert CALLS == ["fakelib.ops"]
     assert len(runtime._state.ledger) == 2
@@ -256,3 +256,13 @@ def test_ledger_restores_items_and_runs_callbacks():
     book.setattr(module, "f", abs)
     assert book.revert() == []
     assert mapping == {"a": 1} and undone == [True] and module.f is original_op and len(book) == 0
+
+
+def test_every_builtin_row_is_reached_by_the_start_up_trigger():
+    from fl_patch import _bootstrap, hooks
+    from fl_patch.table import builtin_targets
+
+    rows = builtin_targets()
+    assert rows
+    for target in rows:
+        assert hooks.top_package(target.module) in _bootstrap.WATCHED_PACKAGES, target.name

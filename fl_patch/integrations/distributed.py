@@ -6,8 +6,9 @@ but does not make it the default. This row does, for the device types FlagCX reg
 
 - ``Backend.default_device_backend_map[device] = "flagcx"``: reaches every caller that lets torch pick the
   backend, even through an ``init_process_group`` bound before fl_patch ran;
-- ``init_process_group`` and ``new_group`` (on ``torch.distributed`` and ``distributed_c10d``) are wrapped so
-  that ``backend=None`` or ``"nccl"`` becomes ``"cpu:gloo,<device>:flagcx"`` (CPU collectives stay on gloo),
+- ``init_process_group`` and ``new_group`` (on ``torch.distributed``, ``distributed_c10d`` and the
+  ``torch.distributed.*`` modules that imported them, such as ``device_mesh``) are wrapped so that
+  ``backend=None`` or ``"nccl"`` becomes ``"cpu:gloo,<device>:flagcx"`` (CPU collectives stay on gloo),
   and NCCL-only ``pg_options`` are dropped. Any other explicit backend is left alone; ``new_group`` with no
   backend inherits the default group's, as in torch.
 
@@ -21,6 +22,7 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import sys
 
 from fl_patch.errors import PatchError
 from fl_patch.replacements import like
@@ -54,7 +56,7 @@ def patch_default_backend(torch_module, ctx) -> None:
     mode = ctx.settings.dist
     if mode == "native":
         raise Skip("FL_PATCH_DIST=native")
-    distributed = torch_module.distributed
+    distributed = importlib.import_module("torch.distributed")  # imported by torch today; lazily, maybe later
     if not distributed.is_available():
         raise Skip("torch.distributed is not available in this torch build")
     problem = _load_flagcx(distributed.Backend)
@@ -70,21 +72,22 @@ def patch_default_backend(torch_module, ctx) -> None:
         rec = ctx.record(f"torch.distributed.Backend.default_device_backend_map[{device!r}]")
         ctx.setitem(rec, distributed.Backend.default_device_backend_map, device, BACKEND)
 
-    init_original = c10d.init_process_group
-    rec = ctx.record("torch.distributed.init_process_group")
-    init = like(_switching(init_original, spec, devices, inherit_none=False, name="init_process_group"),
-                init_original)
-    for owner in (distributed, c10d):
-        if getattr(owner, "init_process_group", None) is init_original:
-            ctx.setattr(rec, owner, "init_process_group", init)
+    for name, inherit_none in (("init_process_group", False), ("new_group", True)):
+        original = getattr(c10d, name)
+        rec = ctx.record(f"torch.distributed.{name}")
+        replacement = like(_switching(original, spec, devices, inherit_none, name), original)
+        for owner in _holders(distributed, name, original):
+            ctx.setattr(rec, owner, name, replacement)
 
-    new_group_original = c10d.new_group
-    rec = ctx.record("torch.distributed.new_group")
-    new_group = like(_switching(new_group_original, spec, devices, inherit_none=True, name="new_group"),
-                     new_group_original)
-    for owner in (distributed, c10d):
-        if getattr(owner, "new_group", None) is new_group_original:
-            ctx.setattr(rec, owner, "new_group", new_group)
+
+def _holders(distributed, name: str, original) -> list:
+    """torch.distributed and its submodules that hold `original` as `name` (``device_mesh`` imported
+    ``init_process_group`` and ``new_group`` from distributed_c10d when torch was imported)."""
+    holders = [distributed]
+    for module_name, module in list(sys.modules.items()):
+        if module_name.startswith("torch.distributed.") and module is not None:
+            holders.append(module)
+    return [module for module in holders if vars(module).get(name) is original]
 
 
 def _load_flagcx(backend_class) -> str | None:

@@ -10,11 +10,18 @@ activation keeps the original (``fl-patch status`` lists such references).
 replacements take the same arguments (sdpa's ``scale`` and ``enable_gqa`` keyword-only, as in the
 builtin). Tensor subclasses (DTensor, quantized weights, ...) go to the original, which dispatches them
 through ``__torch_function__``.
+
+torch.compile: dynamo lists ``torch.nn.functional.layer_norm`` *by name* as an in-graph function, and
+resolves the name when ``torch._dynamo`` is imported, that is after the patch: it would put the replacement
+in the graph as an opaque node and run it on fake tensors (where it falls back to the original). The
+``torch.layer_norm.dynamo`` row sets that entry of dynamo's rule map to "trace it" instead, as for every
+other replacement.
 """
 
 from __future__ import annotations
 
 from fl_patch.replacements import kernel_pair, like
+from fl_patch.runtime import Skip
 from fl_patch.table import Target
 
 SUBCLASS = "tensor subclass"
@@ -39,6 +46,16 @@ TARGETS = [
         variant="torch",
         requires=("torch>=2.4",),
         description="F.layer_norm and nn.LayerNorm on the provider's LayerNorm kernel",
+    ),
+    Target(
+        name="torch.layer_norm.dynamo",
+        family="layer_norm",
+        module="torch._dynamo",
+        attribute="torch._dynamo's rule for F.layer_norm (trace the replacement, not an opaque graph node)",
+        factory="fl_patch.integrations.torch:patch_layer_norm_dynamo_rule",
+        variant="torch",
+        requires=("torch>=2.4",),
+        description="torch.compile traces the F.layer_norm replacement instead of running it as a graph node",
     ),
     Target(
         name="torch.linear",
@@ -170,3 +187,23 @@ def _tensor_types(torch_module) -> tuple[frozenset, frozenset]:
     a quantized weight, ...) is a subclass that goes to the original, reason SUBCLASS."""
     plain = frozenset((torch_module.Tensor, torch_module.nn.Parameter))
     return plain, plain | {type(None)}
+
+
+def patch_layer_norm_dynamo_rule(dynamo_module, ctx) -> None:
+    """Make dynamo trace the ``F.layer_norm`` replacement (see the module docstring)."""
+    import importlib
+
+    from torch.nn import functional
+
+    replacement = functional.layer_norm
+    if getattr(getattr(replacement, "__code__", None), "co_filename", None) != __file__:
+        raise Skip("torch.nn.functional.layer_norm is not fl_patch's replacement")
+    trace_rules = importlib.import_module("torch._dynamo.trace_rules")
+    from torch._dynamo.variables import UserFunctionVariable
+
+    rule_map = trace_rules.get_torch_obj_rule_map()  # built (and cached) when torch._dynamo is imported
+    rec = ctx.record("torch._dynamo.trace_rules.get_torch_obj_rule_map()[torch.nn.functional.layer_norm]")
+    if replacement in rule_map:
+        ctx.setitem(rec, rule_map, replacement, UserFunctionVariable)
+    else:
+        ctx.skip(rec, "dynamo does not treat the replacement as an in-graph function")

@@ -1,0 +1,126 @@
+"""Lazy FlagGems loader.
+
+``import flag_gems`` is heavy (seconds), initialises the device and may run vendor tools, so it happens
+on the first ``load()`` only, when a kernel is about to run on a device tensor. This module imports
+neither torch nor flag_gems; ``installed()`` only looks for the package on disk.
+
+Also home of the per-call tensor checks every family shares (device and dtype), written without torch
+so that they stay cheap and this module stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import threading
+from types import ModuleType
+
+MODULE_NAME = "flag_gems"
+
+_load_lock = threading.Lock()
+_module: ModuleType | None = None
+_load_error: str | None = None
+
+
+class GemsUnavailable(RuntimeError):
+    """FlagGems can't be imported; the message is the short reason."""
+
+
+def installed() -> str | None:
+    """None when ``flag_gems`` can be found on the path, else why not. Imports nothing."""
+    try:
+        spec = importlib.util.find_spec(MODULE_NAME)
+    except (ImportError, ValueError) as exc:
+        return f"flag_gems lookup failed: {type(exc).__name__}: {_first_line(exc)}"
+    if spec is None:
+        return "flag_gems not installed"
+    return None
+
+
+def load() -> ModuleType:
+    """The ``flag_gems`` module, imported on the first call (thread-safe) and cached.
+
+    A failed import is cached too: this and every later call raise ``GemsUnavailable(reason)``.
+    """
+    if _module is not None:
+        return _module
+    with _load_lock:
+        if _module is None and _load_error is None:
+            _import()
+        if _module is None:
+            raise GemsUnavailable(_load_error)
+        return _module
+
+
+def _import() -> None:
+    global _module, _load_error
+    problem = installed()
+    if problem is not None:
+        _load_error = problem
+        return
+    try:
+        _module = importlib.import_module(MODULE_NAME)
+    except Exception as exc:  # any failure of a third-party import means "unavailable"
+        _load_error = f"import flag_gems failed: {type(exc).__name__}: {_first_line(exc)}"
+
+
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def info() -> dict:
+    """What the report shows about FlagGems: version, whether loaded, load error, vendor and device."""
+    try:
+        version = importlib.metadata.version(MODULE_NAME)
+    except importlib.metadata.PackageNotFoundError:
+        version = getattr(_module, "__version__", None)
+    return {
+        "version": version,
+        "install_problem": installed(),
+        "loaded": _module is not None,
+        "load_error": _load_error,
+        "vendor": getattr(_module, "vendor_name", None),
+        "device": getattr(_module, "device", None),
+    }
+
+
+def _reset_for_tests() -> None:
+    """Forget the cached module or failure so that the next ``load()`` imports again."""
+    global _module, _load_error
+    with _load_lock:
+        _module = None
+        _load_error = None
+
+
+# Per-call checks shared by the families. Reasons are stable strings (counter keys).
+
+HALF_DTYPE_NAMES = ("torch.float16", "torch.bfloat16")
+_dtype_reasons: dict = {}
+
+
+def device_reason(tensor) -> str | None:
+    """None when `tensor` lives on an accelerator FlagGems can run on, else "cpu tensor" / "meta tensor"."""
+    if tensor.is_cpu:
+        return "cpu tensor"
+    if tensor.is_meta:
+        return "meta tensor"
+    return None
+
+
+def dtype_reason(dtype) -> str | None:
+    """None for float16 / bfloat16 (what the gems paths take), else e.g. "dtype float32"."""
+    try:
+        return _dtype_reasons[dtype]
+    except KeyError:
+        name = str(dtype)
+        reason = None if name in HALF_DTYPE_NAMES else "dtype " + name.removeprefix("torch.")
+        _dtype_reasons[dtype] = reason
+        return reason
+
+
+def tensor_reason(tensor) -> str | None:
+    """Device, dtype, then "empty tensor" reason for the tensor that decides a gems call; None if all pass."""
+    return device_reason(tensor) or dtype_reason(tensor.dtype) or ("empty tensor" if tensor.numel() == 0 else None)

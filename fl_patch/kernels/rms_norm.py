@@ -1,0 +1,122 @@
+"""RMSNorm in three forms: HF Llama-style, Gemma-style (``1 + w``) and ``torch.nn.functional.rms_norm``.
+
+FlagGems ``rms_norm(x, normalized_shape, weight, eps)`` normalises in fp32, multiplies by the weight in
+fp32, and returns x's dtype; it requires a weight and has its own backward. That is how Gemma and
+torch's ``F.rms_norm`` compute too (equal up to fp32 rounding). HF Llama instead rounds the normalised
+value to x's dtype *before* multiplying by the weight and returns the promoted dtype: ``gems_hf`` returns
+HF's dtype, but its values differ from HF's by that one rounding (within fp16/bf16 tolerance).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from fl_patch.kernels import gems
+
+# Gemma's (1 + weight) in fp32, per weight tensor: (weight._version when computed, value).
+_gemma_scale_cache = WeakIdKeyDictionary()
+# F.rms_norm's eps when None, per input dtype: the epsilon of the compute dtype.
+_default_eps: dict = {}
+
+
+def reference_hf(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``LlamaRMSNorm.forward`` exactly: normalise in fp32, cast to x's dtype, then ``weight * h``."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def gems_hf(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``reference_hf`` on FlagGems: HF's dtype; values within one rounding of x's dtype of HF's."""
+    out = gems.load().rms_norm(x, (x.shape[-1],), weight, eps)
+    if weight.dtype != x.dtype:
+        out = out.to(torch.promote_types(weight.dtype, x.dtype))
+    return out
+
+
+def unsupported_hf(provider: str, x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """None when `provider` can take ``rms_norm_hf(x, weight, eps)``, else a short reason."""
+    if weight.dim() != 1 or x.dim() == 0 or weight.shape[0] != x.shape[-1]:
+        return "weight shape"
+    if provider == "gems":
+        return gems.tensor_reason(x)
+    return None
+
+
+def reference_gemma(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``GemmaRMSNorm.forward`` exactly: all in fp32, ``norm(x) * (1 + weight)``, cast back to x's dtype."""
+    h = x.float()
+    out = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = out * (1.0 + weight.float())
+    return out.type_as(x)
+
+
+def gems_gemma(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``reference_gemma`` on FlagGems, with ``1 + weight`` in fp32 as the kernel's weight.
+
+    ``1 + weight`` is cached per weight tensor (recomputed when the weight changes in place, and not
+    cached when autograd needs it or for inference tensors, whose changes can't be seen).
+    """
+    return gems.load().rms_norm(x, (x.shape[-1],), _gemma_scale(weight), eps)
+
+
+def unsupported_gemma(provider: str, x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """None when `provider` can take ``rms_norm_gemma(x, weight, eps)``, else a short reason."""
+    return unsupported_hf(provider, x, weight)
+
+
+def _gemma_scale(weight: torch.Tensor) -> torch.Tensor:
+    if weight.is_inference() or (weight.requires_grad and torch.is_grad_enabled()):
+        return 1.0 + weight.float()
+    version = weight._version
+    cached = _gemma_scale_cache.get(weight)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    scale = 1.0 + weight.float()
+    _gemma_scale_cache[weight] = (version, scale)
+    return scale
+
+
+def reference_torch(
+    x: torch.Tensor, normalized_shape, weight: torch.Tensor | None, eps: float | None
+) -> torch.Tensor:
+    """``F.rms_norm`` as torch 2.13 computes it: normalise the last ``len(normalized_shape)`` dims in fp32
+    (x's dtype if wider), multiply by the weight in that precision, return x's dtype; eps None means the
+    machine epsilon of the compute dtype (fp32's for fp16/bf16 inputs)."""
+    dims = tuple(range(-len(_as_shape(normalized_shape)), 0))
+    h = x.to(torch.promote_types(x.dtype, torch.float32))
+    out = h * torch.rsqrt(h.pow(2).mean(dims, keepdim=True) + _eps_or_default(eps, x.dtype))
+    if weight is not None:
+        out = out * weight
+    return out.to(x.dtype)
+
+
+def gems_torch(x: torch.Tensor, normalized_shape, weight: torch.Tensor, eps: float | None) -> torch.Tensor:
+    """``reference_torch`` on FlagGems (weight required: ``unsupported_torch`` routes None away)."""
+    return gems.load().rms_norm(x, _as_shape(normalized_shape), weight, _eps_or_default(eps, x.dtype))
+
+
+def unsupported_torch(provider: str, x: torch.Tensor, normalized_shape, weight: torch.Tensor | None) -> str | None:
+    """None when `provider` can take ``F.rms_norm(x, normalized_shape, weight, eps)``, else a short reason."""
+    if weight is None:
+        return "no weight"
+    shape = _as_shape(normalized_shape)
+    if weight.shape != shape or x.shape[x.dim() - len(shape):] != shape:
+        return "shape mismatch"
+    if provider == "gems":
+        return gems.tensor_reason(x)
+    return None
+
+
+def _as_shape(normalized_shape) -> tuple:
+    return (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+
+
+def _eps_or_default(eps: float | None, dtype: torch.dtype) -> float:
+    if eps is not None:
+        return eps
+    default = _default_eps.get(dtype)
+    if default is None:
+        default = _default_eps[dtype] = torch.finfo(torch.promote_types(dtype, torch.float32)).eps
+    return default

@@ -1,0 +1,64 @@
+"""Every example and benchmark runs as written, in its --quick / CPU form (the GPU figures come from the
+device runs committed under benchmarks/results and tests/gpu/results)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO, run_python
+
+
+def run_script(*args, env=None, bootstrap=False, timeout=300):
+    code = "import runpy, sys; sys.argv = {!r}; runpy.run_path(sys.argv[0], run_name='__main__')".format(
+        [str(REPO / args[0]), *args[1:]])
+    result = run_python(code, env=env, bootstrap=bootstrap, timeout=timeout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def test_demo_runs_patched_and_reports():
+    out = run_script("examples/demo.py", "--quick").stdout
+    assert "fl_patch report:" in out and "patched" in out
+    diff = float(out.rsplit("logit difference on real tokens:", 1)[1].split()[0])
+    assert diff < 1e-4  # reference kernels in fp32 on CPU
+
+
+def test_generate_example_unchanged_under_the_bootstrap_and_fl_patch_run():
+    env = {"FL_PATCH_KERNELS": "reference", "FL_PATCH_REPORT": "1"}
+    plain = run_script("examples/generate.py", env={"FL_PATCH": "0"}, bootstrap=True).stdout
+    boot = run_script("examples/generate.py", env=env, bootstrap=True).stdout
+    assert plain.splitlines()[0] == boot.splitlines()[0]  # the same tokens
+    assert "fl_patch report:" in boot and "fl_patch report:" not in plain
+    launched = subprocess.run(
+        [sys.executable, "-m", "fl_patch", "run", "--", sys.executable, str(REPO / "examples/generate.py")],
+        env={**os.environ, **env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr
+    assert launched.stdout.splitlines()[0] == plain.splitlines()[0] and "fl_patch report:" in launched.stdout
+    excluded = run_script("examples/generate.py", env={**env, "FL_PATCH_EXCLUDE": "attention"}, bootstrap=True).stdout
+    assert "excluded" in excluded and excluded.splitlines()[0] == plain.splitlines()[0]
+
+
+def test_explicit_example():
+    out = run_script("examples/explicit.py", "--kernels", "reference").stdout
+    assert "apply(exclude=['attention'])" in out
+    assert "families patched = ['rms_norm']" in out
+    assert "after the block: active = False" in out
+
+
+def test_e2e_benchmark_harness_quick(tmp_path):
+    run_script("benchmarks/bench_e2e.py", "--quick", "--out", str(tmp_path), timeout=600)
+    results = json.loads((tmp_path / "e2e_quick.json").read_text())
+    for model in ("llama", "qwen3"):
+        forward = results["models"][model]["forward"]
+        assert {"hf_sdpa", "hf_eager", "fl_patch", "fl_patch_all", "fl_patch_all-attention"} <= set(forward)
+        for shapes in forward.values():
+            for entry in shapes.values():
+                assert "error" not in entry, entry
+                assert entry["finite"] and entry["max_diff"] < 1e-4
+    assert "| fl_patch |" in (tmp_path / "e2e_quick.md").read_text()
+
+
+def test_startup_benchmark_quick():
+    out = run_script("benchmarks/bench_startup.py", "--quick").stdout
+    assert "bootstrap overhead on `python -c pass`" in out

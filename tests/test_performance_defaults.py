@@ -1,0 +1,39 @@
+"""Families FlagGems was measured slower on stay native by default on that vendor, unless included."""
+
+import pytest
+import torch
+
+import fl_patch
+
+
+def reasons(target):
+    return {r["reason"] for r in fl_patch.report() if r["target"] == target}
+
+
+@pytest.fixture
+def nvidia_build(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.version, "hip", None)
+
+
+def test_attention_and_linear_stay_native_on_nvidia_by_default(nvidia_build):
+    fl_patch.apply(kernels="gems")
+    [linear] = reasons("torch.linear")
+    assert linear.startswith("left native by default: FlagGems mm ran at 0.88x")
+    assert "FL_PATCH_INCLUDE=linear uses FlagGems anyway" in linear
+    assert any("left native by default" in r for r in reasons("torch.scaled_dot_product_attention"))
+    assert not any("left native by default" in r for r in reasons("torch.rms_norm"))
+
+
+def test_including_the_family_overrides_the_default(nvidia_build):
+    fl_patch.apply(kernels="gems", include=["linear", "rms_norm"])
+    assert not any("left native by default" in r for r in reasons("torch.linear"))
+
+
+def test_no_default_on_other_builds_or_with_the_reference_provider(nvidia_build, monkeypatch):
+    fl_patch.apply(kernels="reference")
+    assert [r["state"] for r in fl_patch.report() if r["target"] == "torch.linear"] == ["patched"]
+    fl_patch.revert()
+    monkeypatch.setattr(torch.version, "cuda", None)
+    fl_patch.apply(kernels="gems")
+    assert not any("left native by default" in r for r in reasons("torch.linear"))
