@@ -36,8 +36,13 @@ RNG_FUNCTIONS = (
     "normal_tensor_float", "normal_tensor_tensor", "rand", "rand_like", "randn", "randn_like", "randperm",
     "uniform_",
 )
-# Functions that gave NaN / large logit errors or ran slower than torch in benchmarks/gems_bisect.py.
-MEASURED_UNSAFE: tuple[str, ...] = ()
+# Measured by benchmarks/gems_bisect.py on an H200 (torch 2.11, triton 3.6, flag_gems 5.0.2, 2026-11-22;
+# benchmarks/results/gems_bisect.json) on ~1B Llama- and Qwen3-style bf16 forwards: `mul` alone gives NaN
+# logits (the NaN of the whole-model override); every other name here ran slower than torch's kernel.
+MEASURED_UNSAFE: tuple[str, ...] = (
+    "add", "arange", "cat", "celu", "celu_", "copy_", "embedding", "mean_dim", "mm", "mul", "neg",
+    "pow_tensor_scalar", "rsqrt", "silu", "sin", "to_copy",
+)
 DEFAULT_UNUSED = RNG_FUNCTIONS + MEASURED_UNSAFE
 
 DEFAULT_TOKEN = "default"  # in a list: fl_patch's default list
