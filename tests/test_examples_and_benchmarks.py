@@ -62,3 +62,21 @@ def test_e2e_benchmark_harness_quick(tmp_path):
 def test_startup_benchmark_quick():
     out = run_script("benchmarks/bench_startup.py", "--quick").stdout
     assert "bootstrap overhead on `python -c pass`" in out
+
+
+def test_distributed_example_switches_to_flagcx_under_fl_patch_run():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "fl_patch", "run", "--", sys.executable, "-m", "torch.distributed.run",
+               "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
+               str(REPO / "examples/distributed_allreduce.py")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests/flagcx_standin"), str(REPO)])}
+    env = {k: v for k, v in env.items() if not k.startswith("FL_PATCH")}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert lines == ["rank 0/2: backend cpu:flagcx, all_reduce sum 3",
+                     "rank 1/2: backend cpu:flagcx, all_reduce sum 3"], result.stdout

@@ -6,6 +6,9 @@ in ``AttentionMaskInterface``, so padded batches get a mask) for ``attn_implemen
 ``"sdpa"`` row puts the same function under ``"sdpa"``, the default, so unchanged code runs on it. Either
 way the original ``"sdpa"`` function takes the calls the kernel can't honour. Both write the class-level
 ``_global_mapping`` dicts that every interface instance reads (there is no unregister: revert restores them).
+``"flagos"`` has sdpa's semantics: a model that doesn't support sdpa (``_supports_sdpa = False``, e.g. for
+attention sinks) should not pick it, as transformers can't refuse the name for it the way it refuses sdpa.
+After ``revert()`` the name is gone: a model set to ``"flagos"`` needs ``set_attn_implementation`` again.
 
 RMSNorm, rope, MLP. Each modeling module's own classes and its ``apply_rotary_pos_emb`` are compared with the
 known forms below, written as source text (data): the AST of a function, without decorators, annotations
@@ -43,6 +46,7 @@ TARGETS = [
         factory=f"{_HERE}:patch_attention_name",
         variant="flagos",
         requires=_NEEDS,
+        explicit_choice=True,
         description='attn_implementation="flagos" on the provider\'s sdpa kernel',
     ),
     Target(
@@ -125,7 +129,9 @@ RMS_NORM_FORMS = {
                 return output.type_as(x)
         """,
     ),
-    # The weight multiplied in fp32 before the cast back to the input dtype (FlagGems' own rms_norm order).
+    # The weight multiplied in fp32 before the cast back to the input dtype. Run on the hf kernel, then cast
+    # back: exact in fp32 and on the gems provider (FlagGems' rms_norm multiplies in this order); in bf16/fp16
+    # the reference provider rounds the normalised value once more (within one ulp), as gems does for "hf".
     "fp32_weight": (
         """
         class AfmoeRMSNorm:
@@ -433,25 +439,16 @@ def classify(table: str, function: types.FunctionType, owner: type | None = None
     return Form(variant, eps=next(iter(eps), ""), helpers=helpers)
 
 
-def _own_classes(module: types.ModuleType) -> list[type]:
-    """Classes defined in `module` (not imported into it), in definition order."""
-    return [c for c in vars(module).values() if isinstance(c, type) and c.__module__ == module.__name__]
-
-
-def _own_forward(cls: type) -> types.FunctionType | None:
-    forward = vars(cls).get("forward")
-    return forward if isinstance(forward, types.FunctionType) else None
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Attention
 
-# Keyword arguments sdpa_attention_forward ignores: bookkeeping, or already in the mask the sdpa mask builder
-# made (sliding_window). Any other keyword, when set, goes to the original.
+# Keyword arguments that sdpa_attention_forward ignores and that leave its result unchanged: bookkeeping, or
+# already in the mask the sdpa mask builder made (sliding_window); is_causal is read here as sdpa reads it.
+# Any other keyword, when set (not None / False), sends the call to the original: softcap, s_aux (sinks),
+# position_bias, a paged cache, output_attentions, and whatever a future release adds.
 ATTENTION_NEUTRAL_KWARGS = frozenset({
-    "is_causal", "position_ids", "cache_position", "use_cache", "past_key_values", "past_key_value",
-    "sliding_window", "layer_idx", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
-    "position_embeddings",
+    "is_causal", "position_ids", "cache_position", "use_cache", "sliding_window", "logits_to_keep",
+    "output_router_logits",
 })
 
 
@@ -461,7 +458,7 @@ def _attention_refusal(dropout: float, kwargs: dict) -> str | None:
         return "dropout"
     for name, value in kwargs.items():
         if name not in ATTENTION_NEUTRAL_KWARGS and value is not None and value is not False:
-            return name  # softcap, s_aux sinks, position_bias, a paged cache, output_attentions, unknown
+            return name
     return None
 
 
@@ -540,30 +537,16 @@ def _rms_norm_forward(kernel, unsupported, provider: str, original, rec, eps_nam
 
 
 def patch_rms_norm(module, ctx) -> None:
-    """Patch ``forward`` of every ``*RMSNorm`` class defined in `module` that has a known form.
-
-    A class that inherits its forward is covered where that forward is defined, unless it overrides a method
-    the patched form calls (then it gets the original forward back).
-    """
+    """Patch ``forward`` of every ``*RMSNorm`` class defined in `module` that has a known form (replacements
+    take the input positionally, as every transformers caller passes it)."""
     from fl_patch.kernels import rms_norm as kernels
 
-    for cls in _own_classes(module):
-        if "RMSNorm" not in cls.__name__:
-            continue
-        original = _own_forward(cls)
-        if original is None:
-            _keep_overridden_helpers(cls, ctx)
-            continue
-        variant, detail = classify("rms_norm", original, cls)
-        rec = ctx.record(f"{module.__name__}.{cls.__qualname__}.forward", variant=variant)
-        if variant is None:
-            ctx.skip(rec, detail)
-            continue
-        form, cast_back = RMS_NORM_KERNELS[variant]
-        kernel, unsupported = kernel_pair(kernels, form, ctx.provider)
-        forward = _rms_norm_forward(kernel, unsupported, ctx.provider, original, rec, detail, cast_back)
-        _mark_helpers(forward, original, cls)
-        ctx.setattr(rec, cls, "forward", forward)
+    def make_forward(original, rec, form: Form) -> Callable:
+        kernel_form, cast_back = RMS_NORM_KERNELS[form.variant]
+        kernel, unsupported = kernel_pair(kernels, kernel_form, ctx.provider)
+        return _rms_norm_forward(kernel, unsupported, ctx.provider, original, rec, form.eps, cast_back)
+
+    _patch_forwards(module, ctx, "rms_norm", lambda cls, forward: "RMSNorm" in cls.__name__, make_forward)
 
 
 def _rope_function(kernel, unsupported, provider: str, original, rec, cast_back: bool):
@@ -579,22 +562,21 @@ def _rope_function(kernel, unsupported, provider: str, original, rec, cast_back:
 
 
 def patch_rope(module, ctx) -> None:
-    """Rebind `module`'s ``apply_rotary_pos_emb`` global when it has a known form and signature."""
+    """Rebind `module`'s ``apply_rotary_pos_emb`` global when it has a known form and Llama's signature."""
     from fl_patch.kernels import rope as kernels
 
     original = vars(module).get("apply_rotary_pos_emb")
     if original is None:
         return
-    where = f"{module.__name__}.apply_rotary_pos_emb"
-    variant, reason = classify("rope", original) if callable(original) else (None, "not a function")
-    if variant is not None and _parameters(original) != ROPE_PARAMETERS:
-        variant, reason = None, f"signature {inspect.signature(original)} is not (q, k, cos, sin, unsqueeze_dim=1)"
-    rec = ctx.record(where, variant=variant)
-    if variant is None:
-        ctx.skip(rec, reason)
+    form = classify("rope", original) if isinstance(original, types.FunctionType) else Form(None, "not a function")
+    if form.variant is not None and _parameters(original) != ROPE_PARAMETERS:
+        form = Form(None, f"signature {inspect.signature(original)} is not (q, k, cos, sin, unsqueeze_dim=1)")
+    rec = ctx.record(f"{module.__name__}.apply_rotary_pos_emb", variant=form.variant)
+    if form.variant is None:
+        ctx.skip(rec, form.reason)
         return
     kernel, unsupported = kernel_pair(kernels, "hf", ctx.provider)
-    replacement = _rope_function(kernel, unsupported, ctx.provider, original, rec, variant == "hf_cast")
+    replacement = _rope_function(kernel, unsupported, ctx.provider, original, rec, form.variant == "hf_cast")
     ctx.setattr(rec, module, "apply_rotary_pos_emb", replacement)
 
 
@@ -620,49 +602,68 @@ def _swiglu_forward(kernel, unsupported, provider: str, original, rec, silu_type
 
 def patch_swiglu(module, ctx) -> None:
     """Patch ``forward`` of every class in `module` whose forward is ``down_proj(act_fn(gate_proj(x)) *
-    up_proj(x))``; calls run on the kernel when the instance's ``act_fn`` is SiLU."""
+    up_proj(x))``; a call runs on the kernel when that instance's ``act_fn`` is SiLU."""
     from torch import nn
     from transformers import activations
 
     from fl_patch.kernels import swiglu as kernels
 
+    kernel, unsupported = kernel_pair(kernels, "", ctx.provider)
     silu_types = (activations.SiLUActivation, nn.SiLU)
+
+    def make_forward(original, rec, form: Form) -> Callable:
+        return _swiglu_forward(kernel, unsupported, ctx.provider, original, rec, silu_types)
+
+    def is_candidate(cls: type, forward: types.FunctionType) -> bool:
+        return SWIGLU_NAMES <= set(forward.__code__.co_names)
+
+    _patch_forwards(module, ctx, "swiglu", is_candidate, make_forward)
+
+
+# A patched forward carries (row name, methods of self its form calls): a subclass that inherits it but
+# overrides one of those methods must not run the kernel, which would skip the override.
+_HELPERS = "_fl_patch_helpers"
+
+
+def _patch_forwards(module, ctx, table: str, is_candidate: Callable, make_forward: Callable) -> None:
+    """The class-level rows' loop over the classes defined in `module`: each candidate (``is_candidate(cls,
+    forward)``) with its own forward is classified against `table` and patched with ``make_forward(original,
+    rec, form)`` or skipped; each that inherits a forward this row patched gets the original back if it
+    overrides a method that forward's form calls."""
     for cls in _own_classes(module):
         original = _own_forward(cls)
         if original is None:
-            _keep_overridden_helpers(cls, ctx)
+            _restore_if_helpers_overridden(cls, ctx)
             continue
-        if not SWIGLU_NAMES <= set(original.__code__.co_names):
+        if not is_candidate(cls, original):
             continue
-        variant, detail = classify("swiglu", original, cls)
-        rec = ctx.record(f"{module.__name__}.{cls.__qualname__}.forward", variant=variant)
-        if variant is None:
-            ctx.skip(rec, detail)
+        form = classify(table, original, cls)
+        rec = ctx.record(f"{module.__name__}.{cls.__qualname__}.forward", variant=form.variant)
+        if form.variant is None:
+            ctx.skip(rec, form.reason)
             continue
-        kernel, unsupported = kernel_pair(kernels, "", ctx.provider)
-        forward = _swiglu_forward(kernel, unsupported, ctx.provider, original, rec, silu_types)
-        _mark_helpers(forward, original, cls)
+        forward = make_forward(original, rec, form)
+        setattr(forward, _HELPERS, (ctx.target.name, form.helpers))
         ctx.setattr(rec, cls, "forward", forward)
 
 
-# A patched forward lists the methods its form calls on self; a subclass that overrides one of them and
-# inherits the forward must not get the kernel (it would skip the override).
-_HELPERS_ATTRIBUTE = "_fl_patch_helpers"
+def _own_classes(module: types.ModuleType) -> list[type]:
+    """Classes defined in `module` (not imported into it), in definition order."""
+    return [c for c in vars(module).values() if isinstance(c, type) and c.__module__ == module.__name__]
 
 
-def _mark_helpers(forward: Callable, original: types.FunctionType, cls: type) -> None:
-    _, _, calls = _normalised(_function_source(original))
-    helpers = {name for kind, name in calls if kind == "self"
-               and isinstance(inspect.getattr_static(cls, name, None), types.FunctionType)}
-    setattr(forward, _HELPERS_ATTRIBUTE, frozenset(helpers))
+def _own_forward(cls: type) -> types.FunctionType | None:
+    forward = vars(cls).get("forward")
+    return forward if isinstance(forward, types.FunctionType) else None
 
 
-def _keep_overridden_helpers(cls: type, ctx) -> None:
-    """Give `cls` the original forward back if it inherits a patched one and overrides a method it calls."""
+def _restore_if_helpers_overridden(cls: type, ctx) -> None:
+    """Give `cls` the original forward back when it inherits one this row patched and overrides a method
+    that forward's form calls."""
     inherited = inspect.getattr_static(cls, "forward", None)
-    helpers = getattr(inherited, _HELPERS_ATTRIBUTE, ())
+    row, helpers = getattr(inherited, _HELPERS, ("", ()))
     overridden = sorted(name for name in helpers if name in vars(cls))
-    if overridden:
+    if row == ctx.target.name and overridden:
         rec = ctx.record(f"{cls.__module__}.{cls.__qualname__}.forward")
         ctx.setattr(rec, cls, "forward", inherited.__wrapped__)
         ctx.skip(rec, f"overrides {', '.join(overridden)}, which the inherited patched forward would skip")
