@@ -16,7 +16,8 @@ Ratios are speed-ups over hf_sdpa in the same run (>1 = faster).
     python benchmarks/bench_e2e.py --quick                              # CPU, reference kernels, tiny model
     python benchmarks/bench_e2e.py --models llama --parts prefill,train # a subset
 
-Writes e2e.json and e2e.md to --out (and e2e_<model>.png when matplotlib is installed).
+Writes <name>.json and <name>.md to --out; `--combine A.json B.json` merges runs of subsets and draws
+e2e_<model>.png (needs matplotlib).
 """
 
 from __future__ import annotations
@@ -174,19 +175,24 @@ def train_step(model, ids, optimizer):
     return run
 
 
-def measure_train(model, context, timer, ids, device):
+def measure_train(model, context, timer, ids, device, initial):
+    """Time and peak memory of a training step; every variant starts from the same `initial` weights, and
+    `loss` is the first step's (the same math on the same weights, so comparable across variants)."""
+    model.load_state_dict(initial)
+    model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     with context():
         fn = train_step(model, ids, optimizer)
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
+        loss = fn().item()
         ms = timer(fn)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-        loss = fn().item()
     optimizer.zero_grad(set_to_none=True)
     del optimizer
+    model.load_state_dict(initial)
+    model.eval()
     return {"ms": ms, "peak_gib": peak, "loss": loss}
 
 
@@ -195,6 +201,11 @@ def apply_liger(name, model):
 
     patch = {"llama": apply_liger_kernel_to_llama, "qwen3": apply_liger_kernel_to_qwen3}[name]
     patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+
+
+def wanted(args, variant: str) -> bool:
+    """Whether --variants (empty: all) asks for this forward variant; hf_sdpa always runs (the baseline)."""
+    return not args.variants or variant == "hf_sdpa" or variant in args.variants
 
 
 def run_model(name, args, device, dtype, kernels):
@@ -216,30 +227,30 @@ def run_model(name, args, device, dtype, kernels):
     reference = {}
     print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, {device}, {dtype}", flush=True)
     for variant, context in variants(kernels, args.quick, model):
-        result["forward"][variant] = measure_shapes(model, variant, context, timer, shapes, vocab, device, reference)
+        if wanted(args, variant):
+            result["forward"][variant] = measure_shapes(model, variant, context, timer, shapes, vocab, device,
+                                                        reference)
     if "compile" in args.parts and not args.quick:
         result["forward"]["compile_hf"] = measure_shapes(
             model, "compile_hf", contextlib.nullcontext, timer, shapes, vocab, device, reference, compiled=True)
         result["forward"]["compile_fl_patch"] = measure_shapes(
             model, "compile_fl_patch", lambda: fl_patch.patched(kernels=kernels), timer, shapes, vocab, device,
             reference, compiled=True)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()} if "train" in args.parts else None
     if "train" in args.parts:
         ids = inputs((2, 64) if args.quick else (4, 1024), vocab, device)
-        model.train()
-        result["train"]["hf_sdpa"] = measure_train(model, contextlib.nullcontext, timer, ids, device)
+        result["train"]["hf_sdpa"] = measure_train(model, contextlib.nullcontext, timer, ids, device, initial)
         result["train"]["fl_patch"] = measure_train(model, lambda: fl_patch.patched(kernels=kernels), timer, ids,
-                                                    device)
-        model.eval()
+                                                    device, initial)
         for variant, train in result["train"].items():
             print(f"  train {variant:<16} {train['ms']:.1f} ms, peak {train['peak_gib']:.2f} GiB", flush=True)
-    if not args.quick and not args.no_liger:
+    if not args.quick and not args.no_liger and wanted(args, "liger"):
         try:
             apply_liger(name, model)
             result["forward"]["liger"] = measure_shapes(model, "liger", contextlib.nullcontext, timer, shapes, vocab,
                                                         device, reference)
             if "train" in args.parts:
-                model.train()
-                result["train"]["liger"] = measure_train(model, contextlib.nullcontext, timer, ids, device)
+                result["train"]["liger"] = measure_train(model, contextlib.nullcontext, timer, ids, device, initial)
         except Exception as exc:
             result["forward"]["liger"] = {"error": f"{type(exc).__name__}: {exc}"}
     del model
@@ -315,10 +326,18 @@ def main() -> None:
     parser.add_argument("--models", default="llama,qwen3")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     parser.add_argument("--no-liger", action="store_true")
+    parser.add_argument("--variants", default="", help="comma list of forward variants to run (default: all)")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--name", default="e2e", help="file name stem of the outputs (default e2e)")
+    parser.add_argument("--combine", nargs="+", metavar="JSON",
+                        help="no run: merge these result files into <out>/<name>.json/.md and draw the charts")
     args = parser.parse_args()
+    if args.combine:
+        combine(args.combine, Path(args.out), args.name)
+        return
     fl_patch.revert()  # `import fl_patch` may have activated from the environment: every variant starts native
     args.parts = set(args.parts.split(","))
+    args.variants = {v for v in args.variants.split(",") if v}
     unknown = args.parts - set(PARTS)
     if unknown:
         parser.error(f"unknown part(s) {sorted(unknown)}; accepted: {', '.join(PARTS)}")
@@ -338,14 +357,35 @@ def main() -> None:
         results["models"][name] = run_model(name, args, device, dtype, kernels)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
-    (out / f"e2e{suffix}.json").write_text(json.dumps(results, indent=2))
+    stem = args.name + ("_quick" if args.quick else "")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
     table = markdown(results)
-    (out / f"e2e{suffix}.md").write_text(f"# End-to-end, {results['device']}, {results['date']}\n{table}\n")
+    (out / f"{stem}.md").write_text(f"# End-to-end, {results['device']}, {results['date']}\n{table}\n")
     print(table)
-    if not args.quick:
-        for path in plot(results, out):
-            print("chart:", path)
+
+
+def combine(paths: list[str], out: Path, name: str) -> None:
+    """Merge runs made with --models/--parts subsets (later files add models or variants) and chart them."""
+    merged: dict = {}
+    for path in paths:
+        results = json.loads(Path(path).read_text())
+        models = merged.setdefault("models", {})
+        merged.update({k: v for k, v in results.items() if k != "models"})
+        for model, result in results["models"].items():
+            target = models.setdefault(model, {"forward": {}, "train": {}})
+            for part in ("forward", "train"):
+                for variant, shapes in result[part].items():
+                    if part == "forward" and isinstance(shapes, dict) and variant in target[part]:
+                        target[part][variant].update(shapes)
+                    else:
+                        target[part][variant] = shapes
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(merged, indent=2))
+    table = markdown(merged)
+    (out / f"{name}.md").write_text(f"# End-to-end, {merged['device']}, {merged['date']}\n{table}\n")
+    print(table)
+    for path in plot(merged, out):
+        print("chart:", path)
 
 
 if __name__ == "__main__":

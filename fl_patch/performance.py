@@ -1,4 +1,7 @@
-"""Performance defaults: op families left native by default on a vendor where FlagGems was measured slower.
+"""Performance defaults: what stays native by default on a vendor where FlagGems was measured slower.
+
+Two rules: whole op families (below), and calls too small for FlagGems' kernels to pay for its per-call host
+overhead (SMALL_INPUT_ELEMENTS, applied per call by ``fl_patch.kernels.gems.tensor_reason``).
 
 Correct numbers come first, then speed: where the vendor's own library beats FlagGems for a family (cuDNN /
 flash attention and cuBLAS on NVIDIA, measured in benchmarks/results/bench_ops.md), fl_patch does not swap
@@ -19,6 +22,19 @@ MEASURED_SLOWER = {
         "linear": "FlagGems mm ran at 0.88x the speed of cuBLAS on an H200",
     },
 }
+
+
+# vendor -> calls whose deciding input has fewer elements stay native. FlagGems' per-call host overhead
+# (40-120 µs against torch's 11-18 µs, benchmarks/results/bench_ops.md) outweighs its faster kernels while a
+# forward is launch-bound: on an H200, a ~1B Llama with its RMSNorm, rope and SwiGLU on FlagGems ran 1.33x
+# faster at 4x2048 tokens but 0.76x at 1x128 and 0.60x-0.85x per decode step (benchmarks/results/e2e*.md).
+# 2**22 elements (e.g. 2048 tokens x hidden 2048) lies between those measured points.
+SMALL_INPUT_ELEMENTS = {"nvidia": 1 << 22}
+
+
+def small_input_elements() -> int:
+    """The element count below which gems calls stay native on this vendor (0: no limit)."""
+    return SMALL_INPUT_ELEMENTS.get(vendor() or "", 0)
 
 
 def vendor() -> str | None:

@@ -37,3 +37,21 @@ def test_no_default_on_other_builds_or_with_the_reference_provider(nvidia_build,
     monkeypatch.setattr(torch.version, "cuda", None)
     fl_patch.apply(kernels="gems")
     assert not any("left native by default" in r for r in reasons("torch.linear"))
+
+
+def test_small_inputs_stay_native_on_nvidia_only(nvidia_build, monkeypatch):
+    from fl_patch.kernels import gems, rms_norm
+
+    monkeypatch.setattr(gems, "device_reason", lambda tensor: None)  # pretend CPU tensors are on the device
+    gems._reset_for_tests()
+    try:
+        small, large = torch.ones(128, 2048, dtype=torch.bfloat16), torch.ones(4096, 2048, dtype=torch.bfloat16)
+        weight = torch.ones(2048, dtype=torch.bfloat16)
+        assert rms_norm.unsupported_hf("gems", small, weight) == "small input"
+        assert rms_norm.unsupported_hf("gems", large, weight) is None
+        assert rms_norm.unsupported_hf("reference", small, weight) is None
+        gems._reset_for_tests()
+        monkeypatch.setattr(torch.version, "cuda", None)
+        assert rms_norm.unsupported_hf("gems", small, weight) is None
+    finally:
+        gems._reset_for_tests()

@@ -89,10 +89,11 @@ def info() -> dict:
 
 def _reset_for_tests() -> None:
     """Forget the cached module or failure so that the next ``load()`` imports again."""
-    global _module, _load_error
+    global _module, _load_error, _small_input_elements
     with _load_lock:
         _module = None
         _load_error = None
+        _small_input_elements = None
 
 
 # Per-call checks shared by the families. Reasons are stable strings (counter keys).
@@ -122,5 +123,26 @@ def dtype_reason(dtype) -> str | None:
 
 
 def tensor_reason(tensor) -> str | None:
-    """Device, dtype, then "empty tensor" reason for the tensor that decides a gems call; None if all pass."""
-    return device_reason(tensor) or dtype_reason(tensor.dtype) or ("empty tensor" if tensor.numel() == 0 else None)
+    """Device, dtype, "empty tensor", then "small input" reason for the tensor that decides a gems call; None
+    if all pass."""
+    reason = device_reason(tensor) or dtype_reason(tensor.dtype)
+    if reason is None:
+        elements = tensor.numel()
+        if elements == 0:
+            return "empty tensor"
+        if elements < small_input_elements():
+            return "small input"
+    return reason
+
+
+_small_input_elements: int | None = None
+
+
+def small_input_elements() -> int:
+    """Inputs with fewer elements stay native on this vendor (see fl_patch.performance); read once."""
+    global _small_input_elements
+    if _small_input_elements is None:
+        from fl_patch import performance
+
+        _small_input_elements = performance.small_input_elements()
+    return _small_input_elements
