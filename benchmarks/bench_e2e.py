@@ -55,16 +55,18 @@ def model_config(name: str, quick: bool):
 
 
 class Timer:
-    """Median wall time of a callable in ms (CUDA events on GPU)."""
+    """Median wall time of a callable in ms (CUDA events on GPU), over at least `reps` calls and at least
+    `min_seconds` of calls: launch-bound shapes (1x128, decode) vary by tens of percent between short runs."""
 
-    def __init__(self, device: str, warmup: int, reps: int):
-        self.device, self.warmup, self.reps = device, warmup, reps
+    def __init__(self, device: str, warmup: int, reps: int, min_seconds: float = 0.0):
+        self.device, self.warmup, self.reps, self.min_seconds = device, warmup, reps, min_seconds
 
     def __call__(self, fn) -> float:
         for _ in range(self.warmup):
             fn()
         times = []
-        for _ in range(self.reps):
+        started = time.perf_counter()
+        while len(times) < self.reps or time.perf_counter() - started < self.min_seconds:
             if self.device == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -213,7 +215,8 @@ def run_model(name, args, device, dtype, kernels):
     config = model_config(name, args.quick)
     model = __import__("transformers").AutoModelForCausalLM.from_config(config).to(device, dtype).eval()
     vocab = config.vocab_size
-    timer = Timer(device, warmup=1 if args.quick else 3, reps=2 if args.quick else 10)
+    timer = Timer(device, warmup=1 if args.quick else 3, reps=2 if args.quick else 10,
+                  min_seconds=0.0 if args.quick else 1.0)
     prefill_shapes = [(2, 32), (1, 8)] if args.quick else [(4, 2048), (1, 128)]
     decode_shapes = [(1, 32), (2, 32)] if args.quick else [(1, 2048), (16, 2048)]
     shapes = {}

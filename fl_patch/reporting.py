@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -37,7 +38,11 @@ class Record:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def fallback(self, reason: str) -> None:
-        """Count one call handed to the original; log the first one for each reason."""
+        """Count one call handed to the original; log the first one for each reason. Inside a graph being
+        compiled it does nothing (a counter or a lock there would break the graph)."""
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.compiler.is_compiling():
+            return
         with self._lock:
             count = self.fallbacks.get(reason, 0)
             self.fallbacks[reason] = count + 1

@@ -55,3 +55,26 @@ def test_small_inputs_stay_native_on_nvidia_only(nvidia_build, monkeypatch):
         assert rms_norm.unsupported_hf("gems", small, weight) is None
     finally:
         gems._reset_for_tests()
+
+
+def test_gems_calls_go_to_the_original_under_torch_compile_with_no_graph_break(monkeypatch):
+    """FlagGems' Triton launcher can't be traced by dynamo: compiled graphs keep the originals, unbroken."""
+    from fl_patch.kernels import gems
+
+    monkeypatch.setattr(gems, "installed", lambda: None)  # the gems provider, without importing FlagGems
+    monkeypatch.setattr(gems, "device_reason", lambda tensor: None)
+    fl_patch.apply(kernels="gems", include=["torch.rms_norm"])
+    weight = torch.ones(64)
+
+    def norm(x):
+        return torch.nn.functional.rms_norm(x, (64,), weight, 1e-6)
+
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    explained = torch._dynamo.explain(norm)(x)
+    assert explained.graph_break_count == 0
+    compiled = torch.compile(norm, backend="eager")(x)
+    torch._dynamo.reset()
+    fl_patch.revert()
+    assert torch.equal(compiled, norm(x))
+    [record] = [r for r in fl_patch.report() if r["target"] == "torch.rms_norm"]
+    assert record["fallbacks"] == {}  # nothing counted from inside the compiled graph

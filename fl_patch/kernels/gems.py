@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import sys
 import threading
 from types import ModuleType
 
@@ -123,8 +124,14 @@ def dtype_reason(dtype) -> str | None:
 
 
 def tensor_reason(tensor) -> str | None:
-    """Device, dtype, "empty tensor", then "small input" reason for the tensor that decides a gems call; None
-    if all pass."""
+    """"torch.compile", device, dtype, "empty tensor", then "small input" reason for the tensor that decides a
+    gems call; None if all pass.
+
+    Under torch.compile every gems call goes to the original: dynamo can't trace FlagGems 5.0.2's Triton
+    launcher (it graph-breaks at each call and compiles for minutes), while inductor fuses the originals.
+    """
+    if sys.modules["torch"].compiler.is_compiling():
+        return "torch.compile"
     reason = device_reason(tensor) or dtype_reason(tensor.dtype)
     if reason is None:
         elements = tensor.numel()
