@@ -356,12 +356,12 @@ def main() -> None:
                "versions": {k: v for k, v in describe().items() if k in ("torch", "transformers", "flag_gems",
                                                                          "triton", "python")},
                "transformers": transformers.__version__, "kernels": kernels, "quick": args.quick, "models": {}}
-    for name in args.models.split(","):
-        results["models"][name] = run_model(name, args, device, dtype, kernels)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name + ("_quick" if args.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    for name in args.models.split(","):
+        results["models"][name] = run_model(name, args, device, dtype, kernels)
+        (out / f"{stem}.json").write_text(json.dumps(results, indent=2))  # after each model: a cut run keeps it
     table = markdown(results)
     (out / f"{stem}.md").write_text(f"# End-to-end, {results['device']}, {results['date']}\n{table}\n")
     print(table)
