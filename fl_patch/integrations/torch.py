@@ -26,57 +26,27 @@ from fl_patch.table import Target
 
 SUBCLASS = "tensor subclass"
 
+def _row(name: str, family: str, module: str, attribute: str, factory: str, description: str) -> Target:
+    return Target(name=name, family=family, module=module, attribute=attribute,
+                  factory=f"fl_patch.integrations.torch:{factory}", variant="torch", requires=("torch>=2.4",),
+                  description=description)
+
+
 TARGETS = [
-    Target(
-        name="torch.rms_norm",
-        family="rms_norm",
-        module="torch",
-        attribute="torch.nn.functional.rms_norm (reaches nn.RMSNorm.forward)",
-        factory="fl_patch.integrations.torch:patch_rms_norm",
-        variant="torch",
-        requires=("torch>=2.4",),
-        description="F.rms_norm and nn.RMSNorm on the provider's RMSNorm kernel",
-    ),
-    Target(
-        name="torch.layer_norm",
-        family="layer_norm",
-        module="torch",
-        attribute="torch.nn.functional.layer_norm (reaches nn.LayerNorm.forward)",
-        factory="fl_patch.integrations.torch:patch_layer_norm",
-        variant="torch",
-        requires=("torch>=2.4",),
-        description="F.layer_norm and nn.LayerNorm on the provider's LayerNorm kernel",
-    ),
-    Target(
-        name="torch.layer_norm.dynamo",
-        family="layer_norm",
-        module="torch._dynamo",
-        attribute="torch._dynamo's rule for F.layer_norm (trace the replacement, not an opaque graph node)",
-        factory="fl_patch.integrations.torch:patch_layer_norm_dynamo_rule",
-        variant="torch",
-        requires=("torch>=2.4",),
-        description="torch.compile traces the F.layer_norm replacement instead of running it as a graph node",
-    ),
-    Target(
-        name="torch.linear",
-        family="linear",
-        module="torch",
-        attribute="torch.nn.functional.linear (reaches nn.Linear.forward)",
-        factory="fl_patch.integrations.torch:patch_linear",
-        variant="torch",
-        requires=("torch>=2.4",),
-        description="F.linear and nn.Linear on the provider's GEMM",
-    ),
-    Target(
-        name="torch.scaled_dot_product_attention",
-        family="attention",
-        module="torch",
-        attribute="torch.nn.functional.scaled_dot_product_attention",
-        factory="fl_patch.integrations.torch:patch_sdpa",
-        variant="torch",
-        requires=("torch>=2.4",),
-        description="F.scaled_dot_product_attention on the provider's attention kernel",
-    ),
+    _row("torch.rms_norm", "rms_norm", "torch", "torch.nn.functional.rms_norm (reaches nn.RMSNorm.forward)",
+         "patch_rms_norm", "F.rms_norm and nn.RMSNorm on the provider's RMSNorm kernel"),
+    _row("torch.layer_norm", "layer_norm", "torch",
+         "torch.nn.functional.layer_norm (reaches nn.LayerNorm.forward)", "patch_layer_norm",
+         "F.layer_norm and nn.LayerNorm on the provider's LayerNorm kernel"),
+    _row("torch.layer_norm.dynamo", "layer_norm", "torch._dynamo",
+         "torch._dynamo's rule for F.layer_norm (trace the replacement, not an opaque graph node)",
+         "patch_layer_norm_dynamo_rule",
+         "torch.compile traces the F.layer_norm replacement instead of running it as a graph node"),
+    _row("torch.linear", "linear", "torch", "torch.nn.functional.linear (reaches nn.Linear.forward)",
+         "patch_linear", "F.linear and nn.Linear on the provider's GEMM"),
+    _row("torch.scaled_dot_product_attention", "attention", "torch",
+         "torch.nn.functional.scaled_dot_product_attention", "patch_sdpa",
+         "F.scaled_dot_product_attention on the provider's attention kernel"),
 ]
 
 
