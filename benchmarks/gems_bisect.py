@@ -44,6 +44,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from model_configs import model_config  # benchmarks/, on sys.path as the script's folder
 from torch.utils._python_dispatch import TorchDispatchMode
 
 BAD_VERDICTS = ("nan", "error", "slow", "crash")
@@ -66,22 +67,6 @@ def parse_args(argv):
         args.batch, args.seq, args.reps = 2, 16, 3
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     return args
-
-
-def model_config(name: str, quick: bool):
-    from transformers import LlamaConfig, Qwen3Config
-
-    if quick:
-        shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    else:
-        shape = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                     num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=4096)
-    if name == "qwen3":
-        return Qwen3Config(head_dim=shape["hidden_size"] // shape["num_attention_heads"], **shape)
-    if name == "llama":
-        return LlamaConfig(**shape)
-    raise SystemExit(f"unknown model {name!r}; accepted: llama, qwen3")
 
 
 class OpRecorder(TorchDispatchMode):

@@ -10,8 +10,9 @@ from conftest import REPO, run_python
 
 
 def run_script(*args, env=None, bootstrap=False, timeout=300):
-    code = "import runpy, sys; sys.argv = {!r}; runpy.run_path(sys.argv[0], run_name='__main__')".format(
-        [str(REPO / args[0]), *args[1:]])
+    """Run a script as `python script args` does: its own folder first on sys.path."""
+    code = ("import os, runpy, sys; sys.argv = {!r}; sys.path.insert(0, os.path.dirname(sys.argv[0])); "
+            "runpy.run_path(sys.argv[0], run_name='__main__')").format([str(REPO / args[0]), *args[1:]])
     result = run_python(code, env=env, bootstrap=bootstrap, timeout=timeout)
     assert result.returncode == 0, result.stdout + result.stderr
     return result

@@ -222,6 +222,9 @@ def test_flag_gems_unavailable_fails_the_row(monkeypatch):
 
 
 def load_bisect_script():
+    # As `python benchmarks/gems_bisect.py` would: the script's folder (its model_configs) on sys.path.
+    if str(BISECT.parent) not in sys.path:
+        sys.path.insert(0, str(BISECT.parent))
     spec = importlib.util.spec_from_file_location("gems_bisect", BISECT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -248,7 +251,8 @@ def test_bisection_narrows_a_group_to_its_culprits_and_interactions():
 def test_bisect_script_quick_mode_finds_the_standin_faults(tmp_path):
     argv = ["gems_bisect.py", "--quick", "--models", "llama", "--out", str(tmp_path)]
     code = f"import runpy, sys; sys.argv = {argv!r}; runpy.run_path({str(BISECT)!r}, run_name='__main__')"
-    result = run_python(code, bootstrap=False, timeout=120)
+    # The script's folder on sys.path, as `python benchmarks/gems_bisect.py` has it.
+    result = run_python(code, bootstrap=False, timeout=120, extra_path=[BISECT.parent])
     assert result.returncode == 0, result.stderr[-3000:]
     findings = json.loads((tmp_path / "gems_bisect.json").read_text())
     llama = findings["models"]["llama"]
