@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ["FL_PATCH"] = "0"  # compare against the originals: importing fl_patch must not patch them
 
 from fl_patch.kernels import attention, gems, layer_norm, linear, rms_norm, rope, swiglu  # noqa: E402
+from fl_patch.versions import installed_version  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -436,12 +436,7 @@ def first_calls(device, dtype, synchronize) -> dict:
 
 
 def environment(device: str) -> dict:
-    versions = {}
-    for name in ("torch", "triton", "flag_gems", "transformers"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = {name: installed_version(name) for name in ("torch", "triton", "flag_gems", "transformers")}
     name = torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine()
     return {"device": name, "versions": versions, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

@@ -11,11 +11,12 @@ so that they stay cheap and this module stays light.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import importlib.util
 import sys
 import threading
 from types import ModuleType
+
+from fl_patch.versions import installed_version
 
 MODULE_NAME = "flag_gems"
 
@@ -74,12 +75,8 @@ def _first_line(exc: BaseException, limit: int = 160) -> str:
 
 def info() -> dict:
     """What the report shows about FlagGems: version, whether loaded, load error, vendor and device."""
-    try:
-        version = importlib.metadata.version(MODULE_NAME)
-    except importlib.metadata.PackageNotFoundError:
-        version = getattr(_module, "__version__", None)
     return {
-        "version": version,
+        "version": installed_version(MODULE_NAME) or getattr(_module, "__version__", None),
         "install_problem": installed(),
         "loaded": _module is not None,
         "load_error": _load_error,

@@ -7,7 +7,6 @@ ran (not all skipped), so CPU-only runs leave the committed results alone.
 """
 
 import datetime
-import importlib.metadata
 import json
 import os
 import platform
@@ -15,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from fl_patch.versions import installed_version
 
 GPU_DIR = Path(__file__).resolve().parent
 DEFAULT_RESULTS = GPU_DIR / "results" / "kernels.json"
@@ -87,8 +88,4 @@ def _device_name() -> str | None:
 
 
 def _version(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        module = sys.modules.get(distribution)
-        return getattr(module, "__version__", None)
+    return installed_version(distribution) or getattr(sys.modules.get(distribution), "__version__", None)

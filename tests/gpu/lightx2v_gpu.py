@@ -25,7 +25,6 @@ import argparse
 import datetime
 import importlib
 import importlib.machinery
-import importlib.metadata
 import json
 import logging
 import os
@@ -342,12 +341,11 @@ def device_name(torch, device) -> str:
 
 
 def versions(src: Path) -> dict:
+    from fl_patch.versions import installed_version  # fl_patch is imported late on purpose (see main)
+
     found = {"python": platform.python_version()}
     for name in ("torch", "triton", "flag_gems", "fl_patch"):
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = getattr(sys.modules.get(name), "__version__", None)
+        found[name] = installed_version(name) or getattr(sys.modules.get(name), "__version__", None)
     found["lightx2v_commit"] = None  # only for a checkout (the stand-in lives inside this repo's checkout)
     if (src / ".git").exists():
         try:

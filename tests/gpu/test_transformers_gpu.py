@@ -20,7 +20,6 @@ each test.
 
 import copy
 import datetime
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -32,6 +31,7 @@ import torch
 import fl_patch
 from fl_patch.integrations import transformers as integration
 from fl_patch.table import KERNEL_FAMILIES
+from fl_patch.versions import installed_version
 
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(
@@ -60,12 +60,7 @@ _results: dict = {}
 
 
 def _write_results() -> None:
-    versions = {}
-    for name in ("torch", "triton", "flag_gems", "transformers"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = {name: installed_version(name) for name in ("torch", "triton", "flag_gems", "transformers")}
     payload = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(0),
