@@ -15,6 +15,7 @@ Ratios are speed-ups over hf_sdpa in the same run (>1 = faster).
     python benchmarks/bench_e2e.py --out benchmarks/results            # GPU, full
     python benchmarks/bench_e2e.py --quick                              # CPU, reference kernels, tiny model
     python benchmarks/bench_e2e.py --models llama --parts prefill,train # a subset
+    python benchmarks/bench_e2e.py --parts prefill,decode --rounds 3    # launch-bound shapes: interleave rounds
 
 Writes <name>.json and <name>.md to --out; `--combine A.json B.json` merges runs of subsets and draws
 e2e_<model>.png (needs matplotlib).
@@ -128,17 +129,26 @@ def max_diff(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def measure_shapes(model, name, context, timer, shapes, vocab, device, reference, compiled=False):
-    """Times every shape under `context`; returns {shape_key: {ms, max_diff}}."""
-    out = {}
+def measure_shapes(model, name, context, timer, shapes, vocab, device, reference, compiled=False, out=None,
+                   saved=None):
+    """Times every shape under `context`; returns {shape_key: {ms, max_diff}} (+ compile_s when compiled:
+    the first call's seconds, which include compiling that shape). Fills `out` if given, calling `saved()`
+    after each shape (compiling takes about a minute a shape: a run cut short keeps the shapes it finished)."""
+    out = {} if out is None else out
     with context():
         target = torch.compile(model, dynamic=True) if compiled else model
         for key, builder in shapes.items():
             try:
                 fn = builder(target)
+                started = time.perf_counter()
+                fn()
+                first_s = time.perf_counter() - started
                 ms = timer(fn)
                 logits = fn()
                 entry = {"ms": ms, "finite": bool(torch.isfinite(logits).all())}
+                if compiled:
+                    entry["compile_s"] = round(first_s, 1)
+                    print(f"  {name:<22} {key}={ms:.2f}ms (first call {first_s:.0f} s)", flush=True)
                 if key in reference:
                     entry["max_diff"] = max_diff(logits, reference[key])
                 else:
@@ -148,6 +158,8 @@ def measure_shapes(model, name, context, timer, shapes, vocab, device, reference
             except Exception as exc:  # one variant's failure must not lose the others' figures
                 out[key] = {"error": f"{type(exc).__name__}: {exc}"}
                 traceback.print_exc()
+            if saved is not None:
+                saved()
         if compiled:
             torch._dynamo.reset()
     print(f"  {name:<22} " + "  ".join(f"{k}={v.get('ms', float('nan')):.2f}ms" for k, v in out.items()), flush=True)
@@ -197,7 +209,19 @@ def wanted(args, variant: str) -> bool:
     return not args.variants or variant == "hf_sdpa" or variant in args.variants
 
 
-def run_model(name, args, device, dtype, kernels):
+def merge_rounds(measured: list[dict]) -> dict:
+    """One variant's shapes over rounds: ms is the median of the rounds' medians, rounds_ms lists them."""
+    merged = {}
+    for key, entry in measured[-1].items():
+        times = [m[key]["ms"] for m in measured if "ms" in m.get(key, {})]
+        merged[key] = dict(entry)
+        if len(measured) > 1 and times:
+            merged[key]["ms"] = statistics.median(times)
+            merged[key]["rounds_ms"] = [round(t, 3) for t in times]
+    return merged
+
+
+def run_model(name, args, device, dtype, kernels, save):
     torch.manual_seed(0)
     config = model_config(name, args.quick)
     model = __import__("transformers").AutoModelForCausalLM.from_config(config).to(device, dtype).eval()
@@ -214,18 +238,24 @@ def run_model(name, args, device, dtype, kernels):
         for b, c in decode_shapes:
             shapes[f"decode_b{b}_c{c}"] = functools.partial(decode_fn, batch=b, cached=c, vocab=vocab, device=device)
     result = {"forward": {}, "train": {}}
+    save(result)
     reference = {}
     print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params, {device}, {dtype}", flush=True)
-    for variant, context in variants(kernels, args.quick, model):
-        if wanted(args, variant):
-            result["forward"][variant] = measure_shapes(model, variant, context, timer, shapes, vocab, device,
-                                                        reference)
+    eager = [(variant, context) for variant, context in variants(kernels, args.quick, model) if wanted(args, variant)]
+    rounds = {variant: [] for variant, _ in eager}
+    for number in range(args.rounds):  # interleaved: drift in clocks or host load hits every variant alike
+        if args.rounds > 1:
+            print(f"  round {number + 1}/{args.rounds}", flush=True)
+        for variant, context in eager:
+            rounds[variant].append(measure_shapes(model, variant, context, timer, shapes, vocab, device, reference))
+            result["forward"][variant] = merge_rounds(rounds[variant])
+            save(result)
     if "compile" in args.parts and not args.quick:
-        result["forward"]["compile_hf"] = measure_shapes(
-            model, "compile_hf", contextlib.nullcontext, timer, shapes, vocab, device, reference, compiled=True)
-        result["forward"]["compile_fl_patch"] = measure_shapes(
-            model, "compile_fl_patch", lambda: fl_patch.patched(kernels=kernels), timer, shapes, vocab, device,
-            reference, compiled=True)
+        for variant, context in (("compile_hf", contextlib.nullcontext),
+                                 ("compile_fl_patch", lambda: fl_patch.patched(kernels=kernels))):
+            if wanted(args, variant):
+                measure_shapes(model, variant, context, timer, shapes, vocab, device, reference, compiled=True,
+                               out=result["forward"].setdefault(variant, {}), saved=lambda: save(result))
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()} if "train" in args.parts else None
     if "train" in args.parts:
         ids = inputs((2, 64) if args.quick else (4, 1024), vocab, device)
@@ -239,6 +269,7 @@ def run_model(name, args, device, dtype, kernels):
             apply_liger(name, model)
             result["forward"]["liger"] = measure_shapes(model, "liger", contextlib.nullcontext, timer, shapes, vocab,
                                                         device, reference)
+            save(result)
             if "train" in args.parts:
                 result["train"]["liger"] = measure_train(model, contextlib.nullcontext, timer, ids, device, initial)
         except Exception as exc:
@@ -317,6 +348,8 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     parser.add_argument("--no-liger", action="store_true")
     parser.add_argument("--variants", default="", help="comma list of forward variants to run (default: all)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the eager variants this many times, interleaved; report the median round")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default="e2e", help="file name stem of the outputs (default e2e)")
     parser.add_argument("--combine", nargs="+", metavar="JSON",
@@ -331,6 +364,8 @@ def main() -> None:
     unknown = args.parts - set(PARTS)
     if unknown:
         parser.error(f"unknown part(s) {sorted(unknown)}; accepted: {', '.join(PARTS)}")
+    if args.rounds < 1:
+        parser.error(f"--rounds must be 1 or more, got {args.rounds}")
     use_gpu = torch.cuda.is_available() and not args.quick
     device, dtype, kernels = ("cuda", torch.bfloat16, "gems") if use_gpu else ("cpu", torch.float32, "reference")
     if not use_gpu and not args.quick:
@@ -347,8 +382,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = args.name + ("_quick" if args.quick else "")
     for name in args.models.split(","):
-        results["models"][name] = run_model(name, args, device, dtype, kernels)
-        (out / f"{stem}.json").write_text(json.dumps(results, indent=2))  # after each model: a cut run keeps it
+        def save(result, name=name):  # after each variant: a run cut short keeps what it measured
+            results["models"][name] = result
+            (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+
+        run_model(name, args, device, dtype, kernels, save)
     table = markdown(results)
     (out / f"{stem}.md").write_text(f"# End-to-end, {results['device']}, {results['date']}\n{table}\n")
     print(table)
