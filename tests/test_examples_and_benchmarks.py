@@ -3,6 +3,7 @@ device runs committed under benchmarks/results and tests/gpu/results)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -58,6 +59,24 @@ def test_e2e_benchmark_harness_quick(tmp_path):
                 assert "error" not in entry, entry
                 assert entry["finite"] and entry["max_diff"] < 1e-4
     assert "| fl_patch |" in (tmp_path / "e2e_quick.md").read_text()
+
+
+def test_e2e_benchmark_rounds_interleave_and_keep_each_round(tmp_path):
+    run_script("benchmarks/bench_e2e.py", "--quick", "--models", "llama", "--parts", "prefill", "--rounds", "2",
+               "--variants", "fl_patch", "--out", str(tmp_path), timeout=600)
+    forward = json.loads((tmp_path / "e2e_quick.json").read_text())["models"]["llama"]["forward"]
+    assert set(forward) == {"hf_sdpa", "fl_patch"}
+    for shapes in forward.values():
+        for entry in shapes.values():
+            assert len(entry["rounds_ms"]) == 2
+            assert min(entry["rounds_ms"]) <= entry["ms"] <= max(entry["rounds_ms"])
+
+
+def test_routing_benchmark_quick_patches_and_routes_every_call_to_the_original():
+    out = run_script("benchmarks/bench_routing.py", "--quick").stdout
+    assert "fl_patch / HF:" in out
+    for place in ("LlamaRMSNorm.forward", "LlamaMLP.forward", "apply_rotary_pos_emb"):
+        assert re.search(place + r": \{'small input': \d+\}", out), out
 
 
 def test_startup_benchmark_quick():

@@ -57,6 +57,34 @@ def test_small_inputs_stay_native_on_nvidia_only(nvidia_build, monkeypatch):
         gems._reset_for_tests()
 
 
+def test_small_inputs_leave_before_the_shape_checks(nvidia_build, monkeypatch):
+    """The launch-bound path (every call under the size on NVIDIA) runs only the tensor check: a small call
+    reports "small input" even where a shape check would have refused it, in every family."""
+    from fl_patch.kernels import attention, gems, layer_norm, linear, rms_norm, rope, swiglu
+
+    monkeypatch.setattr(gems, "device_reason", lambda tensor: None)
+    gems._reset_for_tests()
+    try:
+        x, odd = torch.ones(2, 8, dtype=torch.bfloat16), torch.ones(3, dtype=torch.bfloat16)
+        q = torch.ones(1, 2, 4, 8, dtype=torch.bfloat16)
+        calls = {
+            "rms_norm": rms_norm.unsupported_hf("gems", x, odd),
+            "rms_norm torch": rms_norm.unsupported_torch("gems", x, (8,), odd),
+            "rope": rope.unsupported_hf("gems", q, q, odd, odd, 1),
+            "rope interleaved": rope.unsupported_interleaved("gems", x, x, odd),
+            "swiglu": swiglu.unsupported("gems", x, odd),
+            "layer_norm": layer_norm.unsupported("gems", x, (8,), odd, None),
+            "linear": linear.unsupported("gems", x, odd, None),
+            "linear in_out": linear.unsupported_in_out("gems", x, odd, None),
+            "sdpa": attention.unsupported_sdpa("gems", q, x, q, None, 0.0, False, None, False),
+            "varlen": attention.unsupported_varlen("gems", x, x, q, False, None),
+        }
+        assert calls == dict.fromkeys(calls, "small input")
+        assert rms_norm.unsupported_hf("reference", x, odd) == "weight shape"  # the checks themselves still run
+    finally:
+        gems._reset_for_tests()
+
+
 def test_gems_calls_go_to_the_original_under_torch_compile_with_no_graph_break(monkeypatch):
     """FlagGems' Triton launcher can't be traced by dynamo: compiled graphs keep the originals, unbroken."""
     from fl_patch.kernels import gems

@@ -163,6 +163,10 @@ def unsupported_sdpa(
     gems also: no mask (see ROUTE_MASKS_TO_GEMS), device, fp16/bf16, one dtype for q, k, v, no autograd,
     no empty tensors.
     """
+    if provider == "gems":
+        reason = gems.tensor_reason(query) or gems.tensor_reason(key)  # first: see gems.tensor_reason
+        if reason is not None:
+            return reason
     if dropout_p:
         return "dropout"
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
@@ -189,9 +193,6 @@ def unsupported_sdpa(
     if provider == "gems":
         if attn_mask is not None and not ROUTE_MASKS_TO_GEMS:
             return "attn mask"
-        reason = gems.tensor_reason(query) or gems.tensor_reason(key)
-        if reason is not None:
-            return reason
         if key.dtype != query.dtype or value.dtype != query.dtype:
             return "mixed dtypes"
         if torch.is_grad_enabled() and (
@@ -267,6 +268,10 @@ def unsupported_varlen(
     Both providers: 3-D q, k, v with ``v.shape == k.shape``, ``Hq % Hkv == 0``, one head dim, a multiple
     of 32 up to 256. gems also: device, fp16/bf16, one dtype, no autograd, no empty tensors.
     """
+    if provider == "gems":
+        reason = gems.tensor_reason(q) or gems.tensor_reason(k)  # first: see gems.tensor_reason
+        if reason is not None:
+            return reason
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
         return "shape"
     q_shape, k_shape = q.shape, k.shape
@@ -278,9 +283,6 @@ def unsupported_varlen(
     if head_dim % 32 or head_dim > MAX_VARLEN_HEAD_DIM:
         return f"head dim {head_dim}"
     if provider == "gems":
-        reason = gems.tensor_reason(q) or gems.tensor_reason(k)
-        if reason is not None:
-            return reason
         if k.dtype != q.dtype or v.dtype != q.dtype:
             return "mixed dtypes"
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):

@@ -50,6 +50,10 @@ def unsupported(
     Both providers: x ends in ``normalized_shape``; weight and bias None or of that shape. gems also:
     device, fp16/bf16, weight and bias in x's dtype, no autograd, no empty input.
     """
+    if provider == "gems":
+        reason = _gems.tensor_reason(x)  # first: see gems.tensor_reason
+        if reason is not None:
+            return reason
     shape = _as_shape(normalized_shape)
     if (
         x.shape[x.dim() - len(shape):] != shape
@@ -58,9 +62,6 @@ def unsupported(
     ):
         return "shape mismatch"
     if provider == "gems":
-        reason = _gems.tensor_reason(x)
-        if reason is not None:
-            return reason
         if (weight is not None and weight.dtype != x.dtype) or (bias is not None and bias.dtype != x.dtype):
             return "mixed dtypes"
         if torch.is_grad_enabled() and (

@@ -32,6 +32,9 @@ def unsupported(
     Both providers: 2-D weight matching x's last dim; bias None or ``(out,)``. gems also: device,
     fp16/bf16, one dtype for x, weight and bias, no autograd, no empty input.
     """
+    reason = _tensor_reason(provider, x)
+    if reason is not None:
+        return reason
     if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
         return "weight shape"
     return _common_reason(provider, x, weight, bias, weight.shape[0])
@@ -52,6 +55,9 @@ def unsupported_in_out(
     provider: str, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None
 ) -> str | None:
     """None when `provider` can take ``x @ weight_t (+ bias)`` with weight ``[in, out]``, else a reason."""
+    reason = _tensor_reason(provider, x)
+    if reason is not None:
+        return reason
     if weight_t.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight_t.shape[0]:
         return "weight shape"
     return _common_reason(provider, x, weight_t, bias, weight_t.shape[1])
@@ -64,15 +70,17 @@ def _matmul(mm, addmm, x: torch.Tensor, weight_in_out: torch.Tensor, bias: torch
     return out if flat else out.view(x.shape[:-1] + out.shape[1:])
 
 
+def _tensor_reason(provider: str, x: torch.Tensor) -> str | None:
+    """gems' per-call tensor check, made before the shape checks: see gems.tensor_reason."""
+    return _gems.tensor_reason(x) if provider == "gems" else None
+
+
 def _common_reason(
     provider: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int
 ) -> str | None:
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_features):
         return "bias shape"
     if provider == "gems":
-        reason = _gems.tensor_reason(x)
-        if reason is not None:
-            return reason
         if weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
             return "mixed dtypes"
         if torch.is_grad_enabled() and (

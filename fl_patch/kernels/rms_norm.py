@@ -37,10 +37,12 @@ def gems_hf(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def unsupported_hf(provider: str, x: torch.Tensor, weight: torch.Tensor) -> str | None:
     """None when `provider` can take ``rms_norm_hf(x, weight, eps)``, else a short reason."""
+    if provider == "gems":
+        reason = gems.tensor_reason(x)  # first: see gems.tensor_reason
+        if reason is not None:
+            return reason
     if weight.dim() != 1 or x.dim() == 0 or weight.shape[0] != x.shape[-1]:
         return "weight shape"
-    if provider == "gems":
-        return gems.tensor_reason(x)
     return None
 
 
@@ -99,13 +101,15 @@ def gems_torch(x: torch.Tensor, normalized_shape, weight: torch.Tensor, eps: flo
 
 def unsupported_torch(provider: str, x: torch.Tensor, normalized_shape, weight: torch.Tensor | None) -> str | None:
     """None when `provider` can take ``F.rms_norm(x, normalized_shape, weight, eps)``, else a short reason."""
+    if provider == "gems":
+        reason = gems.tensor_reason(x)  # first: see gems.tensor_reason
+        if reason is not None:
+            return reason
     if weight is None:
         return "no weight"
     shape = _as_shape(normalized_shape)
     if weight.shape != shape or x.shape[x.dim() - len(shape):] != shape:
         return "shape mismatch"
-    if provider == "gems":
-        return gems.tensor_reason(x)
     return None
 
 

@@ -147,6 +147,10 @@ def unsupported_hf(
     even ``rotary_dim`` up to the head dim. gems also: device, fp16/bf16, one dtype for q, k, cos, sin
     (HF would promote), no autograd.
     """
+    if provider == "gems":
+        reason = gems.tensor_reason(q)  # first: see gems.tensor_reason
+        if reason is not None:
+            return reason
     if unsqueeze_dim not in (1, 2):
         return "unsqueeze dim"
     if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3:
@@ -166,9 +170,6 @@ def unsupported_hf(
     if rotary_dim % 2 or rotary_dim > q_shape[3] or k_shape[3] != q_shape[3]:
         return "rotary dim"
     if provider == "gems":
-        reason = gems.tensor_reason(q)
-        if reason is not None:
-            return reason
         if k.dtype != q.dtype or cos.dtype != q.dtype or sin.dtype != q.dtype:
             return "mixed dtypes"
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or cos.requires_grad):
@@ -209,6 +210,10 @@ def unsupported_interleaved(
     provider: str, q: torch.Tensor, k: torch.Tensor, freqs_cis: torch.Tensor
 ) -> str | None:
     """None when `provider` can take the interleaved rope on ``(S, H, D)`` q, k, else a short reason."""
+    if provider == "gems":
+        reason = gems.tensor_reason(q)  # first: see gems.tensor_reason
+        if reason is not None:
+            return reason
     if q.dim() != 3 or k.dim() != 3 or freqs_cis.dim() != 3:
         return "shape"
     if not freqs_cis.is_complex():
@@ -223,9 +228,6 @@ def unsupported_interleaved(
     ):
         return "freqs shape"
     if provider == "gems":
-        reason = gems.tensor_reason(q)
-        if reason is not None:
-            return reason
         if k.dtype != q.dtype:
             return "mixed dtypes"
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):

@@ -27,12 +27,12 @@ def unsupported(provider: str, gate: torch.Tensor, up: torch.Tensor) -> str | No
 
     Both providers: gate and up of one shape (no broadcasting). gems also: device, fp16/bf16, one dtype.
     """
-    if gate.shape != up.shape:
-        return "shape mismatch"
     if provider == "gems":
-        reason = _gems.tensor_reason(gate)
+        reason = _gems.tensor_reason(gate)  # first: see gems.tensor_reason
         if reason is not None:
             return reason
         if up.dtype != gate.dtype:
             return "mixed dtypes"
+    if gate.shape != up.shape:
+        return "shape mismatch"
     return None
