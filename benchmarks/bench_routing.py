@@ -81,7 +81,7 @@ def _no_kernel_call():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds (default 9)")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
     args = parser.parse_args()
     layers, reps, rounds = (2, 20, 2) if args.quick else (16, 100, max(1, args.rounds))
     torch.set_num_threads(1)
