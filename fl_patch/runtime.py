@@ -4,6 +4,12 @@ One process-wide state, guarded by one re-entrant lock: the settings in force, t
 rows, the ledger of changes and the report records. ``apply`` selects rows and asks :mod:`fl_patch.hooks`
 to call :func:`_on_import` for each row's module; that runs the row's factory once per (row, module).
 ``revert`` undoes the ledger newest first and stops the hooks from doing anything until the next apply.
+
+Factories run outside the lock. A factory may import modules, and a thread importing one of those holds
+that module's import lock while its own import hook waits for ours: holding ours across a factory would
+deadlock the two threads. So work is claimed under the lock with the current *generation* (every apply and
+revert starts a new one), each change a factory makes takes the lock and is refused once the generation
+has moved on, and a factory's report records are kept only if it hasn't.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ PROVIDER_NAMES = {"gems": "flag_gems", "reference": "torch reference"}
 
 
 class Skip(Exception):
-    """Raised by a factory (or ``ctx.skip_all``) when its row can't apply here; the message is the reason."""
+    """Raised by a factory when its row can't apply here; the message is the reason."""
 
 
 class _State:
@@ -38,6 +44,7 @@ class _State:
         self.ledger = ledger.Ledger()
         self.records: list[reporting.Record] = []
         self.done: set[tuple[str, str]] = set()  # (row name, module name) already handled
+        self.generation = 0  # bumped by apply and revert; a factory's changes count only in its own
         self.atexit_registered = False
 
 
@@ -48,12 +55,14 @@ class PatchContext:
     """What a factory gets besides the module: the settings, the kernel provider, and the only sanctioned
     ways to change things (each recorded in the ledger and the report)."""
 
-    def __init__(self, target: table.Target, module: Any, settings: settings_mod.Settings, provider: str | None):
+    def __init__(self, target: table.Target, module: Any, settings: settings_mod.Settings, provider: str | None,
+                 generation: int = 0):
         self.target = target
         self.module = module
         self.settings = settings
         self.provider = provider  # "gems" | "reference" | None for rows that need no kernel
         self.records: list[reporting.Record] = []
+        self.generation = generation
 
     def record(self, where: str, variant: str | None = None) -> reporting.Record:
         """A new report record for one place this row changes (or skips). Pass it to setattr/setitem/skip."""
@@ -69,22 +78,37 @@ class PatchContext:
 
     def setattr(self, rec: reporting.Record, owner: Any, name: str, replacement: Any) -> None:
         """Set ``owner.name = replacement`` through the ledger and mark `rec` patched."""
-        _state.ledger.setattr(owner, name, replacement)
+        with _state.lock:
+            self._still_current()
+            _state.ledger.setattr(owner, name, replacement)
         rec.state = "patched"
 
     def setitem(self, rec: reporting.Record, mapping: Any, key: Any, replacement: Any) -> None:
         """Set ``mapping[key] = replacement`` through the ledger and mark `rec` patched."""
-        _state.ledger.setitem(mapping, key, replacement)
+        with _state.lock:
+            self._still_current()
+            _state.ledger.setitem(mapping, key, replacement)
         rec.state = "patched"
 
     def on_revert(self, rec: reporting.Record, undo: Callable[[], None]) -> None:
-        """Record a change made by other means (`undo` reverses it) and mark `rec` patched."""
-        _state.ledger.on_revert(undo, rec.where)
-        rec.state = "patched"
+        """Record a change made by other means (`undo` reverses it) and mark `rec` patched.
+
+        If fl_patch was reverted or re-applied while this factory ran, `undo` runs at once and Skip is raised."""
+        with _state.lock:
+            if _state.generation == self.generation:
+                _state.ledger.on_revert(undo, rec.where)
+                rec.state = "patched"
+                return
+        undo()
+        self._still_current()
 
     def skip(self, rec: reporting.Record, reason: str) -> None:
         """Mark `rec` skipped: this place stays original, for `reason`."""
         rec.state, rec.reason, rec.provider = "skipped", reason, "original"
+
+    def _still_current(self) -> None:
+        if _state.generation != self.generation:
+            raise Skip("fl_patch was reverted or re-applied while this row was patching")
 
 
 def _resolve_provider(target: table.Target, s: settings_mod.Settings) -> str:
@@ -112,11 +136,12 @@ def _unmet_requirement(target: table.Target) -> str | None:
     return None
 
 
-def _run_row(target: table.Target, module: Any) -> None:
-    """Run one row's factory on one module, recording the outcome; raise only in strict mode."""
-    s = _state.settings
+def _run_row(target: table.Target, module: Any, s: settings_mod.Settings, generation: int) -> None:
+    """Run one row's factory on one module (without the lock), recording the outcome; raise only in strict
+    mode. `s` and `generation` are those in force when the work was claimed."""
     where = getattr(module, "__name__", str(module))
     ctx: PatchContext | None = None
+    records: list[reporting.Record] = []
     try:
         problem = _unmet_requirement(target)
         if problem:
@@ -134,39 +159,46 @@ def _run_row(target: table.Target, module: Any) -> None:
                 if not target.runs_without_kernels:
                     raise
                 no_provider = str(why)
-        ctx = PatchContext(target, module, s, provider)
+        ctx = PatchContext(target, module, s, provider, generation)
         target.load_factory()(module, ctx)
         for rec in ctx.records:
             if no_provider and not rec.reason:
                 rec.reason = no_provider
-        _state.records.extend(ctx.records)
+        records = ctx.records
     except Skip as why:
-        if ctx is not None:
-            _state.records.extend(ctx.records)
-        rec = reporting.Record(target.family, target.name, where, state="skipped", reason=str(why))
-        _state.records.append(rec)
+        records = (ctx.records if ctx is not None else []) + [
+            reporting.Record(target.family, target.name, where, state="skipped", reason=str(why))]
     except Exception as exc:
-        if ctx is not None:
-            _state.records.extend(ctx.records)
         reason = f"{type(exc).__name__}: {exc}"
-        _state.records.append(reporting.Record(target.family, target.name, where, state="failed", reason=reason))
+        records = (ctx.records if ctx is not None else []) + [
+            reporting.Record(target.family, target.name, where, state="failed", reason=reason)]
         log.warning("fl_patch: patching %s for %s failed: %s", target.name, where, reason)
         if s.strict:
             raise PatchError(f"patching {target.name} for {where} failed: {reason}") from exc
+    finally:
+        with _state.lock:
+            if _state.generation == generation:
+                _state.records.extend(records)
 
 
 def _on_import(module: Any) -> None:
     """Hook callback: run every selected row whose module pattern matches this module, once each."""
     name = module.__name__
-    with _state.lock:
+    with _state.lock:  # claim the work; do it after releasing the lock (see the module docstring)
         if not _state.active:
             return
+        settings, generation = _state.settings, _state.generation
+        patterns, rows = [], []
         for target in _state.selected:
             if target.is_pattern and hooks.top_package(target.module) == name:
-                _watch_pattern(target)
+                patterns.append(target)
             if hooks.matches(name, target.module) and (target.name, name) not in _state.done:
                 _state.done.add((target.name, name))
-                _run_row(target, module)
+                rows.append(target)
+    for target in patterns:
+        _watch_pattern(target)
+    for target in rows:
+        _run_row(target, module, settings, generation)
 
 
 def _watch_pattern(target: table.Target) -> None:
@@ -196,15 +228,17 @@ def apply(settings: settings_mod.Settings | None = None, extra_targets: tuple[ta
         _state.selected, _state.excluded = registry.select(s.include, s.exclude)
         _state.records, _state.done = [], set()
         _state.active = True
+        _state.generation += 1
         if s.report_at_exit and not _state.atexit_registered:
             atexit.register(_print_report_at_exit)
             _state.atexit_registered = True
-        watched = set()
+        watched = []
         for target in _state.selected:
             name = hooks.top_package(target.module) if target.is_pattern else target.module
             if name not in watched:
-                watched.add(name)
-                hooks.watch(name, _on_import)
+                watched.append(name)
+    for name in watched:  # modules already imported are patched now, by this thread, outside the lock
+        hooks.watch(name, _on_import)
 
 
 def revert() -> list[Exception]:
@@ -213,6 +247,7 @@ def revert() -> list[Exception]:
     Returns the errors of undo steps that failed (all steps are attempted). Idempotent.
     """
     with _state.lock:
+        _state.generation += 1
         errors = _state.ledger.revert()
         for record in _state.records:
             if record.state == "patched":
@@ -273,10 +308,8 @@ def activate(source: str) -> None:
 
             warnings.warn(f"{exc} (fl_patch stays enabled)", RuntimeWarning, stacklevel=2)
     try:
-        with _state.lock:
-            if _state.active:
-                return
-            apply(settings_mod.load(env))
+        if not _state.active:
+            apply(settings_mod.load(env))  # equal settings already applied by another thread: apply returns
     except Exception as exc:
         if settings_mod.strict_from_env():
             raise

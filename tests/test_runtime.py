@@ -266,3 +266,80 @@ def test_every_builtin_row_is_reached_by_the_start_up_trigger():
     assert rows
     for target in rows:
         assert hooks.top_package(target.module) in _bootstrap.WATCHED_PACKAGES, target.name
+
+
+DEADLOCK_SCRIPT = textwrap.dedent(
+    """
+    import sys, threading
+    import steps
+    from fl_patch import runtime, settings
+    from fl_patch.table import Target
+
+    rows = tuple(Target(name=f"deadlock.{m}", family="linear", module=m, attribute="value",
+                        factory=f"steps:patch_{m}") for m in ("mod_a", "mod_y"))
+    runtime.apply(settings.load(env={}, kernels="reference"), extra_targets=rows)
+    importer = threading.Thread(target=lambda: __import__("mod_y"), daemon=True)
+    importer.start()
+    assert steps.y_started.wait(10)
+    import mod_a  # its factory imports mod_y, which the other thread is importing
+    importer.join(10)
+    print("values", mod_a.value, sys.modules["mod_y"].value)
+    """
+)
+DEADLOCK_STEPS = textwrap.dedent(
+    """
+    import threading
+    y_started, y_may_finish = threading.Event(), threading.Event()
+
+    def patch_mod_a(module, ctx):
+        y_may_finish.set()
+        import mod_y  # noqa: F401  (waits for the other thread's import of mod_y, its hook included)
+        ctx.setattr(ctx.record("mod_a.value"), module, "value", 2)
+
+    def patch_mod_y(module, ctx):
+        ctx.setattr(ctx.record("mod_y.value"), module, "value", 2)
+    """
+)
+
+
+def test_a_factory_importing_a_module_another_thread_is_importing_does_not_deadlock(tmp_path):
+    """Thread B imports mod_y and holds its import lock until mod_y's hook has run; the main thread's hook
+    for mod_a runs a factory that imports mod_y. Holding fl_patch's lock across that factory would leave
+    B's hook waiting for it forever (seen before factories ran outside the lock)."""
+    from conftest import run_python
+
+    (tmp_path / "steps.py").write_text(DEADLOCK_STEPS)
+    (tmp_path / "mod_a.py").write_text("value = 1\n")
+    (tmp_path / "mod_y.py").write_text("import steps\nsteps.y_started.set()\nsteps.y_may_finish.wait(10)\nvalue = 1\n")
+    result = run_python(DEADLOCK_SCRIPT, env={"FL_PATCH_AUTO": "0"}, bootstrap=False, extra_path=(tmp_path,),
+                        timeout=60)
+    assert "values 2 2" in result.stdout, result.stdout + result.stderr
+
+
+def test_changes_of_a_factory_that_outlives_its_apply_are_refused(fakelib):
+    """A factory still running when fl_patch is reverted (another thread) must not leave a change behind."""
+    started, reverted = threading.Event(), threading.Event()
+    results = []
+
+    def slow_factory(module, ctx):
+        started.set()
+        reverted.wait(10)
+        try:
+            ctx.setattr(ctx.record("fakelib.ops.op"), module, "op", lambda x: 0)
+        except runtime.Skip as why:
+            results.append(str(why))
+            raise
+
+    sys.modules[__name__].slow_factory = slow_factory
+    apply_rows(row(factory="test_runtime:slow_factory"))
+    importer = threading.Thread(target=lambda: __import__("fakelib.ops"))
+    importer.start()
+    assert started.wait(10)
+    fl_patch.revert()
+    reverted.set()
+    importer.join(10)
+    import fakelib.ops
+
+    assert fakelib.ops.op(1) == 2
+    assert results == ["fl_patch was reverted or re-applied while this row was patching"]
+    assert not [r for r in fl_patch.report() if r["where"] == "fakelib.ops.op"]
