@@ -79,6 +79,15 @@ def test_routing_benchmark_quick_patches_and_routes_every_call_to_the_original()
         assert re.search(place + r": \{'small input': \d+\}", out), out
 
 
+def test_ops_benchmark_quick(tmp_path):
+    out = run_script("benchmarks/bench_ops.py", "--quick", "--out", str(tmp_path), timeout=600).stdout
+    results = json.loads((tmp_path / "bench_ops_quick.json").read_text())
+    assert results["provider"] == "reference" and results["ops"], out
+    table = (tmp_path / "bench_ops_quick.md").read_text()
+    for op in ("rms_norm", "rope", "sdpa", "swiglu", "layer_norm"):
+        assert f"| {op} |" in table, table
+
+
 def test_startup_benchmark_quick():
     out = run_script("benchmarks/bench_startup.py", "--quick").stdout
     assert "bootstrap overhead on `python -c pass`" in out
