@@ -15,51 +15,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import fl_patch
+from bench_e2e import Timer, decode_fn  # benchmarks/, on sys.path as the script's folder
 from fl_patch import performance
 from fl_patch.kernels import gems
+from model_configs import model_config
 
 
 def build_model(layers: int):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    config = model_config("llama", quick=True)
+    config.num_hidden_layers = layers
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval().to(torch.bfloat16)
-
-
-def decode_step(model, cached: int):
-    from transformers import DynamicCache
-
-    generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, 512, (1, cached), generator=generator)
-    step = torch.randint(0, 512, (1, 1), generator=generator)
-    cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(input_ids=prompt, past_key_values=cache, use_cache=True)
-    position = torch.full((1, 1), cached)
-
-    def run():
-        with torch.no_grad():
-            model(input_ids=step, past_key_values=cache, position_ids=position, use_cache=True)
-        cache.crop(-1)
-    return run
-
-
-def median_ms(fn, reps: int) -> float:
-    for _ in range(max(3, reps // 10)):
-        fn()
-    times = []
-    for _ in range(reps):
-        started = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - started) * 1000)
-    return statistics.median(times)
+    return AutoModelForCausalLM.from_config(config).eval().to(torch.bfloat16)
 
 
 def simulate_nvidia_routing() -> None:
@@ -88,12 +60,13 @@ def main() -> None:
     fl_patch.revert()  # `import fl_patch` may have activated from the environment
     simulate_nvidia_routing()
     model = build_model(layers)
-    step = decode_step(model, cached=64)
+    step = decode_fn(model, batch=1, cached=64, vocab=model.config.vocab_size, device="cpu")
+    timer = Timer("cpu", warmup=max(3, reps // 10), reps=reps)
     figures = {"hf": [], "fl_patch": []}
     for _ in range(rounds):
-        figures["hf"].append(median_ms(step, reps))
+        figures["hf"].append(timer(step))
         with fl_patch.patched(kernels="gems"):
-            figures["fl_patch"].append(median_ms(step, reps))
+            figures["fl_patch"].append(timer(step))
             routed = {r["where"]: r["fallbacks"] for r in fl_patch.report()
                       if r["state"] == "patched" and r["fallbacks"]}
     hf, patched = statistics.median(figures["hf"]), statistics.median(figures["fl_patch"])
