@@ -42,7 +42,8 @@ class Record:
         No lock: this runs on every launch-bound call, where a lock cost 1.4% of a decode step
         (benchmarks/bench_routing.py). Threads calling the same patched place at once may lose an increment,
         so counts are exact for one thread and a lower bound otherwise."""
-        if _is_compiling():
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.compiler.is_compiling():
             return
         fallbacks = self.fallbacks
         count = fallbacks.get(reason, 0)
@@ -62,16 +63,6 @@ class Record:
             "reason": self.reason,
             "fallbacks": dict(self.fallbacks),
         }
-
-
-def _is_compiling() -> bool:
-    """``torch.compiler.is_compiling()``, looked up once (records exist before torch is imported)."""
-    global _is_compiling
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return False
-    _is_compiling = torch.compiler.is_compiling
-    return _is_compiling()
 
 
 def summary(records: list[dict]) -> dict[str, int]:

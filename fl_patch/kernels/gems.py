@@ -129,26 +129,16 @@ def tensor_reason(tensor) -> str | None:
     Under torch.compile every gems call goes to the original: dynamo can't trace FlagGems 5.0.2's Triton
     launcher (it graph-breaks at each call and compiles for minutes), while inductor fuses the originals.
     """
-    if _is_compiling():
+    if sys.modules["torch"].compiler.is_compiling():
         return "torch.compile"
-    reason = device_reason(tensor)
+    reason = device_reason(tensor) or dtype_reason(tensor.dtype)
     if reason is None:
-        dtype = tensor.dtype
-        reason = _dtype_reasons[dtype] if dtype in _dtype_reasons else dtype_reason(dtype)
-        if reason is None:
-            elements = tensor.numel()
-            if elements == 0:
-                return "empty tensor"
-            if elements < small_input_elements():
-                return "small input"
+        elements = tensor.numel()
+        if elements == 0:
+            return "empty tensor"
+        if elements < small_input_elements():
+            return "small input"
     return reason
-
-
-def _is_compiling() -> bool:
-    """``torch.compiler.is_compiling()``, looked up once (this module doesn't import torch itself)."""
-    global _is_compiling
-    _is_compiling = sys.modules["torch"].compiler.is_compiling
-    return _is_compiling()
 
 
 _small_input_elements: int | None = None
