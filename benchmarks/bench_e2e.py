@@ -16,6 +16,7 @@ Ratios are speed-ups over hf_sdpa in the same run (>1 = faster).
     python benchmarks/bench_e2e.py --quick                              # CPU, reference kernels, tiny model
     python benchmarks/bench_e2e.py --models llama --parts prefill,train # a subset
     python benchmarks/bench_e2e.py --parts prefill,decode --rounds 3    # launch-bound shapes: interleave rounds
+    python benchmarks/bench_e2e.py --parts prefill,decode --rounds 10 --seconds 0.3 --variants fl_patch
 
 Writes <name>.json and <name>.md to --out; `--combine A.json B.json` merges runs of subsets and draws
 e2e_<model>.png (needs matplotlib).
@@ -227,7 +228,7 @@ def run_model(name, args, device, dtype, kernels, save):
     model = __import__("transformers").AutoModelForCausalLM.from_config(config).to(device, dtype).eval()
     vocab = config.vocab_size
     timer = Timer(device, warmup=1 if args.quick else 3, reps=2 if args.quick else 10,
-                  min_seconds=0.0 if args.quick else 1.0)
+                  min_seconds=0.0 if args.quick else args.seconds)
     prefill_shapes = [(2, 32), (1, 8)] if args.quick else [(4, 2048), (1, 128)]
     decode_shapes = [(1, 32), (2, 32)] if args.quick else [(1, 2048), (16, 2048)]
     shapes = {}
@@ -350,6 +351,9 @@ def main() -> None:
     parser.add_argument("--variants", default="", help="comma list of forward variants to run (default: all)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the eager variants this many times, interleaved; report the median round")
+    parser.add_argument("--seconds", type=float, default=1.0,
+                        help="time each shape for at least this long per round (default 1.0); many short rounds "
+                             "pair the variants more tightly on a host whose speed drifts")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default="e2e", help="file name stem of the outputs (default e2e)")
     parser.add_argument("--combine", nargs="+", metavar="JSON",

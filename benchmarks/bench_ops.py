@@ -66,8 +66,9 @@ class OverheadCase:
 # Fixed-signature closures like fl_patch.integrations' replacements: check, then kernel or original.
 
 
-def routed_rms_norm_hf(provider, original):
-    kernel = getattr(rms_norm, f"{provider}_hf")
+def routed_rms_norm_hf(provider, original, kernel=None):
+    """`kernel` (default: the provider's): ``rms_norm.native_hf`` times the route of a small call on NVIDIA."""
+    kernel = kernel or getattr(rms_norm, f"{provider}_hf")
 
     def forward(x, weight, eps):
         if rms_norm.unsupported_hf(provider, x, weight) is not None:
@@ -214,12 +215,15 @@ def build_cases(provider: str, device: str, dtype: torch.dtype, quick: bool) -> 
     cases = []
 
     norm = routed_rms_norm_hf(provider, hf_rms_norm_body)
-    for rows, hidden in ([(256, 1024)] if quick else [(4096, 4096), (16384, 8192)]):
+    for rows, hidden in ([(256, 1024)] if quick else [(4096, 4096), (16384, 8192), (131072, 128)]):
         x, w = randn(rows, hidden, scale=3.0), randn(hidden) + 1
+        raw = fg and (lambda x=x, w=w, n=hidden: fg.rms_norm(x, (n,), w, 1e-6))
         cases.append(Case("rms_norm (HF Llama)", f"{rows}x{hidden}", lambda x=x, w=w: hf_rms_norm_body(x, w, 1e-6),
-                          lambda x=x, w=w: norm(x, w, 1e-6),
-                          fg and (lambda x=x, w=w, n=hidden: fg.rms_norm(x, (n,), w, 1e-6)),
-                          rms_norm.unsupported_hf(provider, x, w)))
+                          lambda x=x, w=w: norm(x, w, 1e-6), raw, rms_norm.unsupported_hf(provider, x, w)))
+        # torch's fused op, which small inputs run (fl_patch column) against FlagGems (raw column)
+        cases.append(Case("rms_norm (HF Llama), torch fused", f"{rows}x{hidden}",
+                          lambda x=x, w=w: hf_rms_norm_body(x, w, 1e-6),
+                          lambda x=x, w=w: rms_norm.native_hf(x, w, 1e-6), raw))
 
     batch, q_heads, kv_heads, seq, head_dim = (1, 8, 2, 256, 64) if quick else (4, 32, 8, 2048, 128)
     shape = f"q,k [{batch},{q_heads}/{kv_heads},{seq},{head_dim}]"
@@ -331,6 +335,7 @@ def tiny_cases(provider: str, device: str, dtype: torch.dtype) -> list[OverheadC
         ("rms_norm", rms_norm, "_hf"), ("rope", rope, "_hf"), ("sdpa", attention, "_sdpa"),
         ("linear", linear, ""), ("swiglu", swiglu, ""), ("layer_norm", layer_norm, ""))}
     norm = routed_rms_norm_hf(provider, hf_rms_norm_body)
+    native_norm = routed_rms_norm_hf(provider, hf_rms_norm_body, rms_norm.native_hf)
     rotary = routed_rope_hf(provider, hf_apply_rotary_pos_emb)
     sdpa = routed_sdpa(provider, F.scaled_dot_product_attention)
     lin = routed_linear(provider, F.linear)
@@ -340,6 +345,10 @@ def tiny_cases(provider: str, device: str, dtype: torch.dtype) -> list[OverheadC
         OverheadCase(
             "rms_norm", lambda: hf_rms_norm_body(x, w, 1e-6), fg and (lambda: fg.rms_norm(x, (64,), w, 1e-6)),
             lambda: kernel["rms_norm"](x, w, 1e-6), lambda: norm(x, w, 1e-6),
+            lambda: rms_norm.unsupported_hf(provider, x, w)),
+        OverheadCase(  # what a small HF RMSNorm call runs on NVIDIA: the check, then torch's fused op
+            "rms_norm, torch fused", lambda: hf_rms_norm_body(x, w, 1e-6), None,
+            lambda: rms_norm.native_hf(x, w, 1e-6), lambda: native_norm(x, w, 1e-6),
             lambda: rms_norm.unsupported_hf(provider, x, w)),
         OverheadCase(
             "rope", lambda: hf_apply_rotary_pos_emb(q, k, cos, sin),
@@ -486,6 +495,9 @@ def main(argv=None) -> int:
     dtype = torch.float32 if quick else torch.bfloat16
     if not quick and not torch.cuda.is_available():
         parser.error("no CUDA device: use --quick")
+    # This measures the FlagGems paths at every size: lift fl_patch's small-input rule (on NVIDIA, calls under
+    # 2**22 elements stay native; the "torch fused" rows time the path HF RMSNorm's small calls take instead).
+    gems.small_input_elements = lambda: 0
     synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.manual_seed(0)
 

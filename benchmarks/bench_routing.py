@@ -1,11 +1,13 @@
-"""What fl_patch costs where it hands every call to the original: a decode step on CPU, NVIDIA routing simulated.
+"""What fl_patch costs on the launch-bound path: a decode step on CPU, NVIDIA routing simulated.
 
 On an NVIDIA GPU the launch-bound shapes (1x128, a decode step) run every fl_patch replacement's checks and then
-the original (attention and linear stay unpatched; the other calls are under 2**22 elements). Those GPU figures
-move by up to 2x between runs (benchmarks/results/e2e_rounds.md), far more than this cost, so it is measured here
-instead: a 16-layer bf16 Llama-style model on CPU, with fl_patch's device check told the tensors are on a GPU
-and its vendor told "nvidia", so every call takes the same route as on the GPU up to the original. HF default and
-fl_patch are timed in interleaved rounds on the same model and KV cache.
+a native path: the original for rope and the MLP, torch's fused ``rms_norm`` for HF's RMSNorm (attention and
+linear stay unpatched; the other calls are under 2**22 elements). Those GPU figures move by up to 2x between runs
+(benchmarks/results/e2e_rounds.md), far more than the checks cost, so that cost is measured here instead: a
+16-layer bf16 Llama-style model on CPU, with fl_patch's device check told the tensors are on a GPU and its vendor
+told "nvidia", so every call takes the same route as on the GPU. HF default and fl_patch are timed in interleaved
+rounds on the same model and KV cache. What the fused RMSNorm saves on a GPU (one launch instead of seven) is not
+shown here: CPU ops launch in a few µs; benchmarks/results/bench_ops.md and e2e_*.md have the GPU figures.
 
     python benchmarks/bench_routing.py            # ~1 minute
     python benchmarks/bench_routing.py --quick    # seconds (CI checks the harness)
@@ -75,7 +77,7 @@ def main() -> None:
         print(f"  {label + ':':<11} {statistics.median(figures[name]):.3f} ms  "
               f"(rounds {', '.join(f'{x:.3f}' for x in figures[name])})")
     print(f"  fl_patch / HF: {patched / hf:.3f}  ({(patched - hf) * 1000 / max(1, layers):+.1f} µs per layer)")
-    print("  calls handed to the original in the last round:")
+    print("  calls routed natively in the last round, per reason:")
     for where, reasons in sorted(routed.items()):
         print(f"    {where}: {reasons}")
 

@@ -72,11 +72,22 @@ def test_e2e_benchmark_rounds_interleave_and_keep_each_round(tmp_path):
             assert min(entry["rounds_ms"]) <= entry["ms"] <= max(entry["rounds_ms"])
 
 
-def test_routing_benchmark_quick_patches_and_routes_every_call_to_the_original():
+def test_routing_benchmark_quick_routes_every_call_natively():
     out = run_script("benchmarks/bench_routing.py", "--quick").stdout
     assert "fl_patch / HF:" in out
-    for place in ("LlamaRMSNorm.forward", "LlamaMLP.forward", "apply_rotary_pos_emb"):
+    for place in ("LlamaMLP.forward", "apply_rotary_pos_emb"):
         assert re.search(place + r": \{'small input': \d+\}", out), out
+    assert re.search(r"LlamaRMSNorm.forward: \{'small input \(torch rms_norm\)': \d+\}", out), out
+
+
+def test_profile_benchmark_quick_groups_operator_time(tmp_path):
+    run_script("benchmarks/profile_e2e.py", "--quick", "--out", str(tmp_path), timeout=600)
+    profiles = json.loads((tmp_path / "profile_quick.json").read_text())["profiles"]
+    [(key, variants)] = profiles.items()
+    assert key == "llama prefill 2x32" and set(variants) == {"hf_sdpa", "fl_patch"}
+    for entry in variants.values():
+        assert entry["busy_ms"] > 0 and entry["by_category_ms"]["matmul"] > 0, entry
+    assert "| matmul |" in (tmp_path / "profile_quick.md").read_text()
 
 
 def test_ops_benchmark_quick(tmp_path):

@@ -231,6 +231,29 @@ def test_gems_hf_rms_norm_matches_reference(fake_gems, x_dtype, w_dtype):
     assert fake_gems.calls == [("rms_norm",)]
 
 
+@pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                              (torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
+def test_native_hf_rms_norm_matches_reference_in_hf_dtype(x_dtype, w_dtype):
+    x = (torch.randn(3, 5, 64) * 4).to(x_dtype)
+    w = torch.randn(64).to(w_dtype)
+    expected = rms_norm.reference_hf(x, w, 1e-6)
+    actual = rms_norm.native_hf(x, w, 1e-6)
+    if w_dtype != x_dtype:  # HF's promotion: no fused op takes it, so it is HF's body exactly
+        assert torch.equal(actual, expected)
+    else:
+        assert_close(actual, expected)
+
+
+def test_native_hf_rms_norm_is_torch_fused_op_not_f_rms_norm(monkeypatch):
+    """One aten call, never F.rms_norm (which fl_patch's torch row may have replaced)."""
+    calls = []
+    real = torch.rms_norm
+    monkeypatch.setattr(torch, "rms_norm", lambda *args: calls.append(args[1:]) or real(*args))
+    monkeypatch.setattr(F, "rms_norm", lambda *args, **kwargs: pytest.fail("F.rms_norm was called"))
+    rms_norm.native_hf(bf16(2, 64), bf16(64), 1e-5)
+    assert len(calls) == 1 and calls[0][0] == (64,) and calls[0][2] == 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gems_gemma_rms_norm_matches_reference_and_caches_one_plus_weight(fake_gems, dtype):
     x = (torch.randn(3, 5, 64) * 4).to(dtype)

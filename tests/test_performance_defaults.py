@@ -85,6 +85,40 @@ def test_small_inputs_leave_before_the_shape_checks(nvidia_build, monkeypatch):
         gems._reset_for_tests()
 
 
+def test_small_hf_rms_norm_calls_run_torch_fused_rms_norm_on_nvidia(nvidia_build, monkeypatch):
+    """Launch-bound HF RMSNorm calls run one torch op instead of HF's seven; rope and the MLP keep the original.
+    A tiny bf16 Llama on CPU, routed as on an NVIDIA GPU: logits stay within bf16 tolerance of HF's own."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fl_patch.kernels import gems
+
+    monkeypatch.setattr(gems, "installed", lambda: None)  # the gems provider, without importing FlagGems
+    monkeypatch.setattr(gems, "load", lambda: pytest.fail("a small call reached a FlagGems kernel"))
+    monkeypatch.setattr(gems, "device_reason", lambda tensor: None)
+    gems._reset_for_tests()
+    fused = []
+    real = torch.rms_norm
+    monkeypatch.setattr(torch, "rms_norm", lambda *args: fused.append(1) or real(*args))
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 128, (2, 16))
+    try:
+        with torch.no_grad():
+            expected = model(ids).logits
+            with fl_patch.patched(kernels="gems"):
+                actual = model(ids).logits
+                fallbacks = {r["where"].rsplit(".", 2)[-2]: r["fallbacks"] for r in fl_patch.report()
+                             if r["family"] in ("rms_norm", "rope", "swiglu") and r["state"] == "patched"}
+    finally:
+        gems._reset_for_tests()
+    assert fallbacks["LlamaRMSNorm"] == {"small input (torch rms_norm)": 5}  # 2 per layer + the final norm
+    assert fallbacks["LlamaMLP"] == {"small input": 2}
+    assert len(fused) == 5
+    torch.testing.assert_close(actual, expected, rtol=0.016, atol=0.05)
+
+
 def test_gems_calls_go_to_the_original_under_torch_compile_with_no_graph_break(monkeypatch):
     """FlagGems' Triton launcher can't be traced by dynamo: compiled graphs keep the originals, unbroken."""
     from fl_patch.kernels import gems

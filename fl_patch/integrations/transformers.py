@@ -30,6 +30,7 @@ import types
 from collections.abc import Callable
 from typing import NamedTuple
 
+from fl_patch.kernels.gems import SMALL_INPUT
 from fl_patch.replacements import kernel_pair, like
 from fl_patch.table import Target
 
@@ -166,6 +167,8 @@ RMS_NORM_FORMS = {
 
 # variant -> (kernel form in fl_patch.kernels.rms_norm, cast the result back to the input dtype)
 RMS_NORM_KERNELS = {"hf": ("hf", False), "gemma": ("gemma", False), "fp32_weight": ("hf", True)}
+# The fallback reason of a small call that ran the form's torch path (``native_<form>``) rather than the original.
+SMALL_INPUT_NATIVE = SMALL_INPUT + " (torch rms_norm)"
 
 ROTATE_HALF = """
 def rotate_half(x):
@@ -523,14 +526,19 @@ def patch_attention_sdpa(modeling_utils, ctx) -> None:
 # RMSNorm, rope, SwiGLU
 
 
-def _rms_norm_forward(kernel, unsupported, provider: str, original, rec, eps_name: str, cast_back: bool):
+def _rms_norm_forward(kernel, unsupported, native, provider: str, original, rec, eps_name: str, cast_back: bool):
+    """`native` (or None): the form's torch path for calls too small for the kernel (``gems.SMALL_INPUT``)."""
     def forward(self, hidden_states):
         weight = self.weight
         reason = unsupported(provider, hidden_states, weight)
-        if reason is not None:
+        if reason is None:
+            out = kernel(hidden_states, weight, getattr(self, eps_name))
+        elif reason == SMALL_INPUT and native is not None:
+            rec.fallback(SMALL_INPUT_NATIVE)
+            out = native(hidden_states, weight, getattr(self, eps_name))
+        else:
             rec.fallback(reason)
             return original(self, hidden_states)
-        out = kernel(hidden_states, weight, getattr(self, eps_name))
         return out.to(hidden_states.dtype) if cast_back else out
 
     return like(forward, original)
@@ -538,13 +546,15 @@ def _rms_norm_forward(kernel, unsupported, provider: str, original, rec, eps_nam
 
 def patch_rms_norm(module, ctx) -> None:
     """Patch ``forward`` of every ``*RMSNorm`` class defined in `module` that has a known form (replacements
-    take the input positionally, as every transformers caller passes it)."""
+    take the input positionally, as every transformers caller passes it). Calls too small for FlagGems run
+    torch's fused ``rms_norm`` where the form has one (``native_<form>``), else the original."""
     from fl_patch.kernels import rms_norm as kernels
 
     def make_forward(original, rec, form: Form) -> Callable:
         kernel_form, cast_back = RMS_NORM_KERNELS[form.variant]
         kernel, unsupported = kernel_pair(kernels, kernel_form, ctx.provider)
-        return _rms_norm_forward(kernel, unsupported, ctx.provider, original, rec, form.eps, cast_back)
+        native = getattr(kernels, f"native_{kernel_form}", None)
+        return _rms_norm_forward(kernel, unsupported, native, ctx.provider, original, rec, form.eps, cast_back)
 
     _patch_forwards(module, ctx, "rms_norm", lambda cls, forward: "RMSNorm" in cls.__name__, make_forward)
 

@@ -97,6 +97,7 @@ def _reset_for_tests() -> None:
 # Per-call checks shared by the families. Reasons are stable strings (counter keys).
 
 HALF_DTYPE_NAMES = ("torch.float16", "torch.bfloat16")
+SMALL_INPUT = "small input"  # the reason for calls under small_input_elements(); a family may route them natively
 _dtype_reasons: dict = {}
 
 
@@ -125,7 +126,8 @@ def tensor_reason(tensor) -> str | None:
     gems call; None if all pass.
 
     Every ``unsupported_*`` calls this first, before its shape checks: on NVIDIA it is what sends each
-    launch-bound call (1x128, decode) to the original, so that path runs only this and the call itself.
+    launch-bound call (1x128, decode) to a native path (the original, or for HF's RMSNorm torch's fused op), so
+    that path runs only this and the call itself.
     Under torch.compile every gems call goes to the original: dynamo can't trace FlagGems 5.0.2's Triton
     launcher (it graph-breaks at each call and compiles for minutes), while inductor fuses the originals.
     """
@@ -137,7 +139,7 @@ def tensor_reason(tensor) -> str | None:
         if elements == 0:
             return "empty tensor"
         if elements < small_input_elements():
-            return "small input"
+            return SMALL_INPUT
     return reason
 
 

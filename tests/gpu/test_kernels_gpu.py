@@ -94,6 +94,44 @@ def test_rms_norm(record_property, dtype, shape, form):
     check(record_property, actual, native, exact, reduce_dim=hidden)
 
 
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shape", list(RMS_SHAPES))
+def test_rms_norm_hf_native_path(record_property, dtype, shape):
+    """torch's fused rms_norm, which HF RMSNorm calls under the small-input size run on NVIDIA."""
+    x = randn(*RMS_SHAPES[shape], dtype=dtype, scale=3.0)
+    weight = randn(x.shape[-1], dtype=dtype, scale=0.5) + 1
+    with torch.no_grad():
+        actual = rms_norm.native_hf(x, weight, 1e-6)
+        native = native_rms_norm("hf", x, weight, 1e-6)
+        exact = native_rms_norm("hf", x.float(), weight.float(), 1e-6)
+    check(record_property, actual, native, exact, reduce_dim=x.shape[-1])
+
+
+def test_small_hf_rms_norm_calls_take_the_native_path_on_the_device(record_property, monkeypatch):
+    """With the small-input rule in force (the fixture lifts it for the other tests), a 1x16 forward of a tiny
+    bf16 Llama runs its RMSNorms on torch's fused op and matches HF's logits within bf16 noise."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import fl_patch
+    from fl_patch import performance
+
+    monkeypatch.setattr(gems, "small_input_elements", performance.small_input_elements)
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(DEVICE, torch.bfloat16).eval()
+    ids = torch.randint(0, 256, (1, 16), device=DEVICE)
+    with torch.no_grad():
+        native = model(ids).logits
+        exact = model.float()(ids).logits
+        model.to(torch.bfloat16)
+        with fl_patch.patched(kernels="gems"):
+            actual = model(ids).logits
+            fallbacks = [r["fallbacks"] for r in fl_patch.report() if r["where"].endswith("LlamaRMSNorm.forward")]
+    assert fallbacks == [{"small input (torch rms_norm)": 5}]
+    check(record_property, actual, native, exact, reduce_dim=256)
+
+
 def test_rms_norm_hf_fp32_weight_keeps_hf_dtype(record_property):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
