@@ -231,6 +231,53 @@ def test_gems_hf_rms_norm_matches_reference(fake_gems, x_dtype, w_dtype):
     assert fake_gems.calls == [("rms_norm",)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_fp32_rms_norm_is_bitwise_nanochat_and_close_to_gemma4(dtype):
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
+    from transformers.models.nanochat.modeling_nanochat import NanoChatRMSNorm
+
+    x = (torch.randn(3, 5, 64) * 4).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(rms_norm.reference_fp32(x, None, 1e-6), NanoChatRMSNorm(eps=1e-6)(x))
+        for with_scale in (True, False):
+            norm = Gemma4RMSNorm(64, eps=1e-6, with_scale=with_scale).to(dtype)
+            weight = None
+            if with_scale:
+                norm.weight.copy_(torch.randn(64))
+                weight = norm.weight
+            # Gemma 4 takes pow(mean, -0.5) where this takes rsqrt: the same up to one fp32 rounding
+            assert_close(rms_norm.reference_fp32(x, weight, 1e-6), norm(x), reduce_dim=64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_gems_and_native_fp32_rms_norm_match_reference(fake_gems, dtype, weighted):
+    x = (torch.randn(3, 5, 64) * 4).to(dtype)
+    w = torch.randn(64).to(dtype) if weighted else None
+    expected = rms_norm.reference_fp32(x, w, 1e-6)
+    assert_close(rms_norm.gems_fp32(x, w, 1e-6), expected)
+    assert_close(rms_norm.native_fp32(x, w, 1e-6), expected)
+    [(name,)] = fake_gems.calls
+    assert name == "rms_norm"
+    if not weighted:  # FlagGems requires a weight: ones, made once per size, dtype and device
+        assert rms_norm._ones_like_last_dim(x) is rms_norm._ones_like_last_dim(x)
+
+
+def test_native_fp32_rms_norm_with_a_weight_of_another_dtype_is_the_reference():
+    x, w = bf16(3, 64), torch.randn(64)
+    assert torch.equal(rms_norm.native_fp32(x, w, 1e-6), rms_norm.reference_fp32(x, w, 1e-6))
+
+
+def test_unsupported_fp32_rms_norm_routes(accelerator):
+    x = bf16(4, 64)
+    assert rms_norm.unsupported_fp32("gems", x, None) is None
+    assert rms_norm.unsupported_fp32("gems", x, bf16(64)) is None
+    assert rms_norm.unsupported_fp32("gems", x.float(), None) == "dtype float32"
+    assert rms_norm.unsupported_fp32("reference", x, bf16(32)) == "weight shape"
+    assert rms_norm.unsupported_fp32("reference", torch.tensor(1.0), None) == "weight shape"
+    assert rms_norm.unsupported_fp32("reference", x.float(), None) is None
+
+
 @pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
                                               (torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
 def test_native_hf_rms_norm_matches_reference_in_hf_dtype(x_dtype, w_dtype):

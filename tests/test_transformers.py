@@ -150,7 +150,7 @@ def test_models_built_before_apply_are_patched_and_revert_restores_every_origina
 
 
 def test_report_names_each_place_with_its_form_or_reason():
-    for name in ("llama", "gemma3n", "cohere"):
+    for name in ("llama", "gemma3n", "deepseek_v4", "cohere"):
         importlib.import_module(f"transformers.models.{name}.modeling_{name}")
     fl_patch.apply(kernels="reference")
     by_where = {r["where"]: r for r in fl_patch.report()}
@@ -159,7 +159,10 @@ def test_report_names_each_place_with_its_form_or_reason():
     assert by_where[f"{llama}.LlamaMLP.forward"]["variant"] == "swiglu"
     assert by_where[f"{llama}.apply_rotary_pos_emb"]["state"] == "patched"
     gemma3n = by_where["transformers.models.gemma3n.modeling_gemma3n.Gemma3nRMSNorm.forward"]
-    assert (gemma3n["state"], gemma3n["reason"]) == ("skipped", "code matches no known rms_norm form")
+    assert (gemma3n["state"], gemma3n["variant"]) == ("patched", "with_scale")
+    # DeepSeek-V4's unweighted norm rounds the scale to x's dtype before multiplying: another form
+    deepseek = by_where["transformers.models.deepseek_v4.modeling_deepseek_v4.DeepseekV4UnweightedRMSNorm.forward"]
+    assert (deepseek["state"], deepseek["reason"]) == ("skipped", "code matches no known rms_norm form")
     # Cohere's rotate_half is interleaved: same apply_rotary_pos_emb body, different helper
     cohere = by_where["transformers.models.cohere.modeling_cohere.apply_rotary_pos_emb"]
     assert cohere["state"] == "skipped"

@@ -163,10 +163,56 @@ RMS_NORM_FORMS = {
                 return output.type_as(x)
         """,
     ),
+    # No weight at all (NanoChat, HRM): normalise in fp32, cast back.
+    "unweighted": (
+        """
+        class NanoChatRMSNorm:
+            def _norm(self, x):
+                return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+            def forward(self, x):
+                return self._norm(x.float()).type_as(x)
+        """,
+    ),
+    # Gemma 3n / 4: the weight exists only when with_scale; pow(-0.5) where the others use rsqrt (one fp32 ulp).
+    "with_scale": (
+        """
+        class Gemma4RMSNorm:
+            def _norm(self, hidden_states):
+                mean_squared = hidden_states.pow(2).mean(-1, keepdim=True) + self.eps
+                return hidden_states * torch.pow(mean_squared, -0.5)
+
+            def forward(self, hidden_states):
+                normed_output = self._norm(hidden_states.float())
+                if self.with_scale:
+                    normed_output = normed_output * self.weight.float()
+                return normed_output.type_as(hidden_states)
+        """,
+    ),
 }
 
-# variant -> (kernel form in fl_patch.kernels.rms_norm, cast the result back to the input dtype)
-RMS_NORM_KERNELS = {"hf": ("hf", False), "gemma": ("gemma", False), "fp32_weight": ("hf", True)}
+
+def _weight(module):
+    return module.weight
+
+
+def _no_weight(module):
+    return None
+
+
+def _weight_if_with_scale(module):
+    return module.weight if module.with_scale else None
+
+
+# variant -> (kernel form in fl_patch.kernels.rms_norm, cast the result back to the input dtype, the weight of a
+# module instance: what the kernel gets as its weight argument). Plain functions: dynamo traces them inline.
+RMS_NORM_KERNELS = {
+    "hf": ("hf", False, _weight),
+    "gemma": ("gemma", False, _weight),
+    "fp32_weight": ("hf", True, _weight),
+    "unweighted": ("fp32", False, _no_weight),
+    "with_scale": ("fp32", False, _weight_if_with_scale),
+}
 # The fallback reason of a small call that ran the form's torch path (``native_<form>``) rather than the original.
 SMALL_INPUT_NATIVE = SMALL_INPUT + " (torch rms_norm)"
 
@@ -526,10 +572,12 @@ def patch_attention_sdpa(modeling_utils, ctx) -> None:
 # RMSNorm, rope, SwiGLU
 
 
-def _rms_norm_forward(kernel, unsupported, native, provider: str, original, rec, eps_name: str, cast_back: bool):
-    """`native` (or None): the form's torch path for calls too small for the kernel (``gems.SMALL_INPUT``)."""
+def _rms_norm_forward(kernel, unsupported, native, provider: str, original, rec, eps_name: str, cast_back: bool,
+                     weight_of: Callable):
+    """`native` (or None): the form's torch path for calls too small for the kernel (``gems.SMALL_INPUT``);
+    `weight_of(module)`: the weight the kernel gets (None for unweighted forms)."""
     def forward(self, hidden_states):
-        weight = self.weight
+        weight = weight_of(self)
         reason = unsupported(provider, hidden_states, weight)
         if reason is None:
             out = kernel(hidden_states, weight, getattr(self, eps_name))
@@ -551,10 +599,11 @@ def patch_rms_norm(module, ctx) -> None:
     from fl_patch.kernels import rms_norm as kernels
 
     def make_forward(original, rec, form: Form) -> Callable:
-        kernel_form, cast_back = RMS_NORM_KERNELS[form.variant]
+        kernel_form, cast_back, weight_of = RMS_NORM_KERNELS[form.variant]
         kernel, unsupported = kernel_pair(kernels, kernel_form, ctx.provider)
         native = getattr(kernels, f"native_{kernel_form}", None)
-        return _rms_norm_forward(kernel, unsupported, native, ctx.provider, original, rec, form.eps, cast_back)
+        return _rms_norm_forward(kernel, unsupported, native, ctx.provider, original, rec, form.eps, cast_back,
+                                 weight_of)
 
     _patch_forwards(module, ctx, "rms_norm", lambda cls, forward: "RMSNorm" in cls.__name__, make_forward)
 

@@ -1,4 +1,5 @@
-"""RMSNorm in three forms: HF Llama-style, Gemma-style (``1 + w``) and ``torch.nn.functional.rms_norm``.
+"""RMSNorm in four forms: HF Llama-style, Gemma-style (``1 + w``), fp32 with an optional weight (unweighted
+norms, Gemma 3n/4's ``with_scale``) and ``torch.nn.functional.rms_norm``.
 
 FlagGems ``rms_norm(x, normalized_shape, weight, eps)`` normalises in fp32, multiplies by the weight in
 fp32, and returns x's dtype; it requires a weight and has its own backward. That is how Gemma and
@@ -18,6 +19,8 @@ from fl_patch.kernels import gems
 _gemma_scale_cache = WeakIdKeyDictionary()
 # F.rms_norm's eps when None, per input dtype: the epsilon of the compute dtype.
 _default_eps: dict = {}
+# A weight of ones per (size, dtype, device), for FlagGems' rms_norm, which requires one.
+_ones: dict = {}
 
 
 def reference_hf(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -91,6 +94,50 @@ def _gemma_scale(weight: torch.Tensor) -> torch.Tensor:
     scale = 1.0 + weight.float()
     _gemma_scale_cache[weight] = (version, scale)
     return scale
+
+
+def reference_fp32(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """Normalise in fp32, multiply by the weight in fp32 when there is one, cast back to x's dtype: NanoChat's
+    unweighted norm, and Gemma 3n/4's with or without ``with_scale``."""
+    h = x.float()
+    out = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        out = out * weight.float()
+    return out.type_as(x)
+
+
+def gems_fp32(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``reference_fp32`` on FlagGems (fp32 throughout, one rounding); no weight runs with a cached one of ones."""
+    if weight is None:
+        weight = _ones_like_last_dim(x)
+    return gems.load().rms_norm(x, (x.shape[-1],), weight, eps).to(x.dtype)
+
+
+def native_fp32(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``reference_fp32`` as torch's fused ``rms_norm`` (see ``native_hf``), which computes the same way; a weight
+    of another dtype than x runs ``reference_fp32``."""
+    if weight is not None and weight.dtype != x.dtype:
+        return reference_fp32(x, weight, eps)
+    return torch.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def unsupported_fp32(provider: str, x: torch.Tensor, weight: torch.Tensor | None) -> str | None:
+    """None when `provider` can take ``rms_norm_fp32(x, weight, eps)``, else a short reason."""
+    if provider == "gems":
+        reason = gems.tensor_reason(x)  # first: see gems.tensor_reason
+        if reason is not None:
+            return reason
+    if x.dim() == 0 or (weight is not None and (weight.dim() != 1 or weight.shape[0] != x.shape[-1])):
+        return "weight shape"
+    return None
+
+
+def _ones_like_last_dim(x: torch.Tensor) -> torch.Tensor:
+    key = (x.shape[-1], x.dtype, x.device)
+    ones = _ones.get(key)
+    if ones is None:
+        ones = _ones[key] = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
+    return ones
 
 
 def reference_torch(

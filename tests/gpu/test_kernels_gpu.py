@@ -132,6 +132,27 @@ def test_small_hf_rms_norm_calls_take_the_native_path_on_the_device(record_prope
     check(record_property, actual, native, exact, reduce_dim=256)
 
 
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shape", list(RMS_SHAPES))
+@pytest.mark.parametrize("with_scale", [True, False])
+@pytest.mark.parametrize("path", ["gems", "native"])
+def test_rms_norm_fp32_form(record_property, dtype, shape, with_scale, path):
+    """Gemma 3n/4's RMSNorm with and without with_scale (without: NanoChat's unweighted norm too)."""
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
+
+    x = randn(*RMS_SHAPES[shape], dtype=dtype, scale=3.0)
+    module = Gemma4RMSNorm(x.shape[-1], eps=1e-6, with_scale=with_scale).to(DEVICE, dtype)
+    with torch.no_grad():
+        if with_scale:
+            module.weight.normal_(1.0, 0.5)
+        weight = module.weight if with_scale else None
+        assert rms_norm.unsupported_fp32("gems", x, weight) is None
+        actual = getattr(rms_norm, f"{path}_fp32")(x, weight, 1e-6)
+        native = module(x)
+        exact = module.float()(x.float())
+    check(record_property, actual, native, exact, reduce_dim=x.shape[-1])
+
+
 def test_rms_norm_hf_fp32_weight_keeps_hf_dtype(record_property):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
