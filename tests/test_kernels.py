@@ -278,6 +278,58 @@ def test_unsupported_fp32_rms_norm_routes(accelerator):
     assert rms_norm.unsupported_fp32("reference", x.float(), None) is None
 
 
+def qwen3_next_gated_norm(dtype, size=64):
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNormGated
+
+    norm = Qwen3NextRMSNormGated(size, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(size))
+    return norm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_gated_rms_norm_is_bitwise_qwen3_next(dtype):
+    norm = qwen3_next_gated_norm(dtype)
+    x, gate = (torch.randn(3, 5, 64) * 4).to(dtype), (torch.randn(3, 5, 64) * 2).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(rms_norm.reference_gated(x, gate, norm.weight, 1e-6), norm(x, gate))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gems_and_native_gated_rms_norm_match_reference(fake_gems, dtype):
+    x, gate, w = (torch.randn(3, 5, 64) * 4).to(dtype), (torch.randn(3, 5, 64) * 2).to(dtype), torch.randn(64).to(dtype)
+    expected = rms_norm.reference_gated(x, gate, w, 1e-6)
+    rtol = 2 * RTOL[dtype]  # HF rounds the weighted norm and then the product; these round each once: 1 ulp apart
+    assert_close(rms_norm.gems_gated(x, gate, w, 1e-6), expected, rtol=rtol)
+    assert fake_gems.calls == [("rms_norm",), ("silu_and_mul",)]
+    assert_close(rms_norm.native_gated(x, gate, w, 1e-6), expected, rtol=rtol)
+
+
+def test_native_rms_norms_take_hf_s_route_for_inputs_the_fused_op_cant():
+    """Small calls reach the native paths before any shape check: what the fused op would refuse or compute
+    differently (a weight of another dtype or shape, a broadcast gate) runs HF's exact math instead."""
+    x = bf16(3, 64)
+    for weight in (torch.randn(64), bf16(1)):
+        assert torch.equal(rms_norm.native_hf(x, weight, 1e-6), rms_norm.reference_hf(x, weight, 1e-6))
+        assert torch.equal(rms_norm.native_fp32(x, weight, 1e-6), rms_norm.reference_fp32(x, weight, 1e-6))
+        gate = bf16(3, 64)
+        assert torch.equal(rms_norm.native_gated(x, gate, weight, 1e-6),
+                           rms_norm.reference_gated(x, gate, weight, 1e-6))
+    gate, weight = bf16(1, 64), bf16(64)  # a gate broadcast over the rows, as HF's product allows
+    assert torch.equal(rms_norm.native_gated(x, gate, weight, 1e-6), rms_norm.reference_gated(x, gate, weight, 1e-6))
+
+
+def test_unsupported_gated_rms_norm_routes(accelerator):
+    x, gate, w = bf16(4, 64), bf16(4, 64), bf16(64)
+    assert rms_norm.unsupported_gated("gems", x, gate, w) is None
+    assert rms_norm.unsupported_gated("gems", x, gate.float(), w) == "mixed dtypes"
+    assert rms_norm.unsupported_gated("gems", x, gate, w.float()) == "mixed dtypes"
+    assert rms_norm.unsupported_gated("reference", x, gate, w.float()) is None
+    assert rms_norm.unsupported_gated("reference", x, bf16(1, 64), w) == "gate shape"
+    assert rms_norm.unsupported_gated("reference", x, gate, bf16(32)) == "weight shape"
+    assert rms_norm.unsupported_gated("gems", x.float(), gate, w) == "dtype float32"
+
+
 @pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
                                               (torch.float32, torch.float32), (torch.bfloat16, torch.float32)])
 def test_native_hf_rms_norm_matches_reference_in_hf_dtype(x_dtype, w_dtype):

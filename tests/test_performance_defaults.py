@@ -119,6 +119,30 @@ def test_small_hf_rms_norm_calls_run_torch_fused_rms_norm_on_nvidia(nvidia_build
     torch.testing.assert_close(actual, expected, rtol=0.016, atol=0.05)
 
 
+def test_small_gated_rms_norm_calls_run_torch_fused_rms_norm_on_nvidia(nvidia_build, monkeypatch):
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNormGated
+
+    from fl_patch.kernels import gems
+
+    monkeypatch.setattr(gems, "installed", lambda: None)
+    monkeypatch.setattr(gems, "load", lambda: pytest.fail("a small call reached a FlagGems kernel"))
+    monkeypatch.setattr(gems, "device_reason", lambda tensor: None)
+    gems._reset_for_tests()
+    torch.manual_seed(0)
+    norm = Qwen3NextRMSNormGated(64, eps=1e-6).to(torch.bfloat16)
+    x, gate = torch.randn(2, 7, 64, dtype=torch.bfloat16) * 3, torch.randn(2, 7, 64, dtype=torch.bfloat16)
+    try:
+        with torch.no_grad():
+            expected = norm(x, gate)
+            with fl_patch.patched(kernels="gems", include=["transformers.rms_norm"]):
+                actual = norm(x, gate)
+                [record] = [r for r in fl_patch.report() if r["where"].endswith("Qwen3NextRMSNormGated.forward")]
+    finally:
+        gems._reset_for_tests()
+    assert record["fallbacks"] == {"small input (torch rms_norm)": 1}
+    torch.testing.assert_close(actual, expected, rtol=0.032, atol=0.032)  # 1 bf16 ulp: see test_kernels
+
+
 def test_gems_calls_go_to_the_original_under_torch_compile_with_no_graph_break(monkeypatch):
     """FlagGems' Triton launcher can't be traced by dynamo: compiled graphs keep the originals, unbroken."""
     from fl_patch.kernels import gems

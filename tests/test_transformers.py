@@ -337,6 +337,34 @@ def test_swiglu_runs_only_where_act_fn_is_silu(monkeypatch):
     assert gemma_mlp["fallbacks"] == {"act_fn is not SiLU": 2}
 
 
+def test_gated_rms_norm_runs_the_kernel_where_the_activation_is_silu(monkeypatch):
+    """Qwen3-Next's gated norm, called as its layers call it (gate positional or by keyword)."""
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNormGated
+
+    torch.manual_seed(0)
+    norm = Qwen3NextRMSNormGated(64, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x, gate = torch.randn(2, 7, 64) * 3, torch.randn(2, 7, 64)
+    with torch.no_grad():
+        expected = norm(x, gate)
+        norm.activation = "gelu"
+        expected_gelu = norm(x, gate)
+        norm.activation = "silu"
+    calls = coverage.spy_on_kernels(monkeypatch)
+    fl_patch.apply(kernels="reference", include=["transformers.rms_norm"])
+    with torch.no_grad():
+        assert torch.equal(norm(x, gate), expected)
+        assert torch.equal(norm(x, gate=gate), expected)
+        ran = calls["rms_norm"]
+        assert ran > 0
+        norm.activation = "gelu"
+        assert torch.equal(norm(x, gate), expected_gelu)
+    assert calls["rms_norm"] == ran
+    record = next(r for r in fl_patch.report() if r["where"].endswith("Qwen3NextRMSNormGated.forward"))
+    assert (record["variant"], record["fallbacks"]) == ("gated", {"activation is not silu": 1})
+
+
 # A package of modeling modules written for these tests: each form written differently from transformers'
 # (names, comments, docstring, annotations), near misses, and subclasses.
 FAKE_MODELS = {

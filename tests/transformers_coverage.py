@@ -200,7 +200,7 @@ def _first_line(exc: BaseException, limit: int = 140) -> str:
 
 # Kernel functions the reference provider calls, per family: spied on to see the patched path really run.
 SPIED = {
-    "rms_norm": ("fl_patch.kernels.rms_norm", ("reference_hf", "reference_gemma", "reference_fp32")),
+    "rms_norm": ("fl_patch.kernels.rms_norm", ("reference_hf", "reference_gemma", "reference_fp32", "reference_gated")),
     "rope": ("fl_patch.kernels.rope", ("reference_hf",)),
     "attention": ("fl_patch.kernels.attention", ("reference_sdpa",)),
     "swiglu": ("fl_patch.kernels.swiglu", ("reference",)),

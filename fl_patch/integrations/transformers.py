@@ -189,6 +189,21 @@ RMS_NORM_FORMS = {
                 return normed_output.type_as(hidden_states)
         """,
     ),
+    # Qwen3-Next / 3.5, OLMo-Hybrid: Llama's norm, then times act(gate) in fp32; a call runs the kernel when
+    # that instance's activation is "silu". forward takes (hidden_states, gate).
+    "gated": (
+        """
+        class Qwen3NextRMSNormGated:
+            def forward(self, hidden_states, gate):
+                input_dtype = hidden_states.dtype
+                hidden_states = hidden_states.to(torch.float32)
+                variance = hidden_states.pow(2).mean(-1, keepdim=True)
+                hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+                hidden_states = self.weight * hidden_states.to(input_dtype)
+                hidden_states = hidden_states * ACT2FN[self.activation](gate.to(torch.float32))
+                return hidden_states.to(input_dtype)
+        """,
+    ),
 }
 
 
@@ -212,6 +227,7 @@ RMS_NORM_KERNELS = {
     "fp32_weight": ("hf", True, _weight),
     "unweighted": ("fp32", False, _no_weight),
     "with_scale": ("fp32", False, _weight_if_with_scale),
+    "gated": ("gated", False, _weight),  # its own forward: _gated_rms_norm_forward
 }
 # The fallback reason of a small call that ran the form's torch path (``native_<form>``) rather than the original.
 SMALL_INPUT_NATIVE = SMALL_INPUT + " (torch rms_norm)"
@@ -592,6 +608,26 @@ def _rms_norm_forward(kernel, unsupported, native, provider: str, original, rec,
     return like(forward, original)
 
 
+def _gated_rms_norm_forward(kernel, unsupported, native, provider: str, original, rec, eps_name: str):
+    """The "gated" form's forward(hidden_states, gate); a call whose instance's activation isn't silu keeps the
+    original."""
+    def forward(self, hidden_states, gate):
+        if self.activation != "silu":
+            rec.fallback("activation is not silu")
+            return original(self, hidden_states, gate)
+        weight = self.weight
+        reason = unsupported(provider, hidden_states, gate, weight)
+        if reason is None:
+            return kernel(hidden_states, gate, weight, getattr(self, eps_name))
+        if reason == SMALL_INPUT:
+            rec.fallback(SMALL_INPUT_NATIVE)
+            return native(hidden_states, gate, weight, getattr(self, eps_name))
+        rec.fallback(reason)
+        return original(self, hidden_states, gate)
+
+    return like(forward, original)
+
+
 def patch_rms_norm(module, ctx) -> None:
     """Patch ``forward`` of every ``*RMSNorm`` class defined in `module` that has a known form (replacements
     take the input positionally, as every transformers caller passes it). Calls too small for FlagGems run
@@ -602,6 +638,8 @@ def patch_rms_norm(module, ctx) -> None:
         kernel_form, cast_back, weight_of = RMS_NORM_KERNELS[form.variant]
         kernel, unsupported = kernel_pair(kernels, kernel_form, ctx.provider)
         native = getattr(kernels, f"native_{kernel_form}", None)
+        if form.variant == "gated":
+            return _gated_rms_norm_forward(kernel, unsupported, native, ctx.provider, original, rec, form.eps)
         return _rms_norm_forward(kernel, unsupported, native, ctx.provider, original, rec, form.eps, cast_back,
                                  weight_of)
 

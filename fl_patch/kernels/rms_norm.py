@@ -1,5 +1,5 @@
-"""RMSNorm in four forms: HF Llama-style, Gemma-style (``1 + w``), fp32 with an optional weight (unweighted
-norms, Gemma 3n/4's ``with_scale``) and ``torch.nn.functional.rms_norm``.
+"""RMSNorm in five forms: HF Llama-style, Gemma-style (``1 + w``), fp32 with an optional weight (unweighted
+norms, Gemma 3n/4's ``with_scale``), gated by ``silu(gate)`` (Qwen3-Next / 3.5) and ``torch.nn.functional.rms_norm``.
 
 FlagGems ``rms_norm(x, normalized_shape, weight, eps)`` normalises in fp32, multiplies by the weight in
 fp32, and returns x's dtype; it requires a weight and has its own backward. That is how Gemma and
@@ -43,12 +43,20 @@ def native_hf(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
     On CUDA that is one launch (10 µs of host time on an H200) against the seven of HF's body (69 µs) and
     FlagGems' 48 µs, and it rounds like ``gems_hf`` (fp32 throughout, one rounding at the end), so a model's
-    numbers don't depend on which path a call took. A weight of another dtype than x runs ``reference_hf``.
+    numbers don't depend on which path a call took. A weight the fused op can't take as HF would (another dtype
+    than x, another shape: small calls get here before the shape checks) runs ``reference_hf``.
     ``torch.rms_norm``, not ``F.rms_norm``: the latter may be fl_patch's own replacement (the torch row).
     """
-    if weight.dtype != x.dtype:
+    if not _fused_takes(x, weight):
         return reference_hf(x, weight, eps)
     return torch.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def _fused_takes(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
+    """Whether ``torch.rms_norm(x, (x.shape[-1],), weight)`` computes what HF's code would for these inputs."""
+    if weight is None:
+        return x.dim() > 0
+    return weight.dtype == x.dtype and weight.dim() == 1 and x.dim() > 0 and weight.shape[0] == x.shape[-1]
 
 
 def unsupported_hf(provider: str, x: torch.Tensor, weight: torch.Tensor) -> str | None:
@@ -114,9 +122,9 @@ def gems_fp32(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch
 
 
 def native_fp32(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """``reference_fp32`` as torch's fused ``rms_norm`` (see ``native_hf``), which computes the same way; a weight
-    of another dtype than x runs ``reference_fp32``."""
-    if weight is not None and weight.dtype != x.dtype:
+    """``reference_fp32`` as torch's fused ``rms_norm`` (see ``native_hf``), which computes the same way; inputs it
+    can't take as HF would run ``reference_fp32``."""
+    if not _fused_takes(x, weight):
         return reference_fp32(x, weight, eps)
     return torch.rms_norm(x, (x.shape[-1],), weight, eps)
 
@@ -138,6 +146,45 @@ def _ones_like_last_dim(x: torch.Tensor) -> torch.Tensor:
     if ones is None:
         ones = _ones[key] = torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
     return ones
+
+
+def reference_gated(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen3-Next's ``RMSNormGated.forward`` exactly: ``reference_hf``, then times ``silu(gate)`` in fp32, cast
+    back to x's dtype."""
+    normed = reference_hf(x, weight, eps)
+    return (normed * torch.nn.functional.silu(gate.to(torch.float32))).to(x.dtype)
+
+
+def gems_gated(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``reference_gated`` as two FlagGems kernels: ``rms_norm``, then ``silu_and_mul(gate, normed)`` (silu and
+    product in fp32, one rounding). x, gate and weight share one dtype (``unsupported_gated``)."""
+    flag_gems = gems.load()
+    return flag_gems.silu_and_mul(gate, flag_gems.rms_norm(x, (x.shape[-1],), weight, eps))
+
+
+def native_gated(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``reference_gated`` in four torch launches instead of HF's eleven: the fused ``rms_norm`` (see
+    ``native_hf``), then ``silu(gate)`` and the product in fp32; inputs it can't take as HF would run
+    ``reference_gated``."""
+    if not _fused_takes(x, weight) or gate.shape != x.shape:
+        return reference_gated(x, gate, weight, eps)
+    normed = torch.rms_norm(x, (x.shape[-1],), weight, eps)
+    return (normed * torch.nn.functional.silu(gate.float())).to(x.dtype)
+
+
+def unsupported_gated(provider: str, x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """None when `provider` can take ``rms_norm_gated(x, gate, weight, eps)``, else a short reason."""
+    if provider == "gems":
+        reason = gems.tensor_reason(x)  # first: see gems.tensor_reason
+        if reason is not None:
+            return reason
+    if weight.dim() != 1 or x.dim() == 0 or weight.shape[0] != x.shape[-1]:
+        return "weight shape"
+    if gate.shape != x.shape:
+        return "gate shape"
+    if provider == "gems" and (gate.dtype != x.dtype or weight.dtype != x.dtype):
+        return "mixed dtypes"
+    return None
 
 
 def reference_torch(

@@ -153,6 +153,25 @@ def test_rms_norm_fp32_form(record_property, dtype, shape, with_scale, path):
     check(record_property, actual, native, exact, reduce_dim=x.shape[-1])
 
 
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shape", list(RMS_SHAPES))
+@pytest.mark.parametrize("path", ["gems", "native"])
+def test_rms_norm_gated(record_property, dtype, shape, path):
+    """Qwen3-Next / 3.5's gated norm: rms_norm then silu(gate) *, as FlagGems' two kernels or torch's ops."""
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNormGated
+
+    x = randn(*RMS_SHAPES[shape], dtype=dtype, scale=3.0)
+    gate = randn(*RMS_SHAPES[shape], dtype=dtype, scale=2.0)
+    module = Qwen3NextRMSNormGated(x.shape[-1], eps=1e-6).to(DEVICE, dtype)
+    with torch.no_grad():
+        module.weight.normal_(1.0, 0.5)
+        assert rms_norm.unsupported_gated("gems", x, gate, module.weight) is None
+        actual = getattr(rms_norm, f"{path}_gated")(x, gate, module.weight, 1e-6)
+        native = module(x, gate)
+        exact = module.float()(x.float(), gate.float())
+    check(record_property, actual, native, exact, reduce_dim=x.shape[-1])
+
+
 def test_rms_norm_hf_fp32_weight_keeps_hf_dtype(record_property):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
