@@ -70,6 +70,8 @@ def test_small_inputs_leave_before_the_shape_checks(nvidia_build, monkeypatch):
         calls = {
             "rms_norm": rms_norm.unsupported_hf("gems", x, odd),
             "rms_norm torch": rms_norm.unsupported_torch("gems", x, (8,), odd),
+            "rms_norm fp32": rms_norm.unsupported_fp32("gems", x, odd),
+            "rms_norm gated": rms_norm.unsupported_gated("gems", x, odd, odd),
             "rope": rope.unsupported_hf("gems", q, q, odd, odd, 1),
             "rope interleaved": rope.unsupported_interleaved("gems", x, x, odd),
             "swiglu": swiglu.unsupported("gems", x, odd),

@@ -174,12 +174,9 @@ def native_gated(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps:
 
 def unsupported_gated(provider: str, x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor) -> str | None:
     """None when `provider` can take ``rms_norm_gated(x, gate, weight, eps)``, else a short reason."""
-    if provider == "gems":
-        reason = gems.tensor_reason(x)  # first: see gems.tensor_reason
-        if reason is not None:
-            return reason
-    if weight.dim() != 1 or x.dim() == 0 or weight.shape[0] != x.shape[-1]:
-        return "weight shape"
+    reason = unsupported_hf(provider, x, weight)
+    if reason is not None:
+        return reason
     if gate.shape != x.shape:
         return "gate shape"
     if provider == "gems" and (gate.dtype != x.dtype or weight.dtype != x.dtype):
