@@ -9,6 +9,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BOOTSTRAP_DIR = REPO / "sitecustomize"
+FAKE_GEMS_DIR = REPO / "tests" / "fake_flag_gems"
 
 
 @pytest.fixture(autouse=True)
@@ -21,6 +22,23 @@ def clean_fl_patch(monkeypatch):
     fl_patch.revert()
     yield
     fl_patch.revert()
+
+
+@pytest.fixture
+def fake_gems(monkeypatch):
+    """The fake FlagGems (tests/fake_flag_gems) on sys.path, the loader's cache and the rope table cache reset
+    around the test; yields the module, its ``calls`` cleared."""
+    from fl_patch.kernels import gems, rope
+
+    monkeypatch.syspath_prepend(str(FAKE_GEMS_DIR))
+    sys.modules.pop("flag_gems", None)
+    gems._reset_for_tests()
+    monkeypatch.setattr(rope, "_table_cache", None)
+    module = gems.load()
+    module.calls.clear()
+    yield module
+    gems._reset_for_tests()
+    sys.modules.pop("flag_gems", None)
 
 
 def run_python(code, env=None, bootstrap=True, extra_path=(), timeout=180):

@@ -7,16 +7,14 @@ import os
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import FAKE_GEMS_DIR, REPO
 from fl_patch.kernels import attention, gems, layer_norm, linear, rms_norm, rope, swiglu
 
-REPO = Path(__file__).resolve().parent.parent
-FAKE_GEMS_DIR = REPO / "tests" / "fake_flag_gems"
 
 # Tolerances of FlagGems' own tests (flag_gems.testing): rtol per dtype, atol scaled by the reduced size.
 RTOL = {torch.float32: 1.3e-6, torch.float16: 1e-3, torch.bfloat16: 0.016}
@@ -29,20 +27,6 @@ def assert_close(actual, expected, reduce_dim=1, rtol=None):
     rtol = RTOL[dtype] if rtol is None else rtol
     atol = 1e-4 * reduce_dim if dtype == torch.float32 else max(1e-4 * reduce_dim, rtol)
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
-
-
-@pytest.fixture
-def fake_gems(monkeypatch):
-    """The fake FlagGems on sys.path, the loader's cache and the rope table cache reset around the test."""
-    monkeypatch.syspath_prepend(str(FAKE_GEMS_DIR))
-    sys.modules.pop("flag_gems", None)
-    gems._reset_for_tests()
-    monkeypatch.setattr(rope, "_table_cache", None)
-    module = gems.load()
-    module.calls.clear()
-    yield module
-    gems._reset_for_tests()
-    sys.modules.pop("flag_gems", None)
 
 
 @pytest.fixture

@@ -21,10 +21,9 @@ from conftest import REPO, run_python
 
 import fl_patch
 from fl_patch.integrations import lightx2v as integration
-from fl_patch.kernels import gems, rope
+from fl_patch.kernels import gems
 
 STANDIN = Path(__file__).resolve().parent / "lightx2v_standin"
-FAKE_GEMS_DIR = Path(__file__).resolve().parent / "fake_flag_gems"
 
 ATTN_KEYS = ["flash_attn2", "flash_attn3", "flash_attn4", "sage_attn2", "sage_attn3", "torch_sdpa"]
 RMS_KEYS = ["torch", "torch_native", "sgl-kernel", "fp32_variance", "fp32_variance_qwen", "self_forcing", "one-pass"]
@@ -59,18 +58,10 @@ def standin(monkeypatch):
 
 
 @pytest.fixture
-def fake_gems(monkeypatch):
-    """The fake FlagGems importable, CPU tensors accepted by the device check, caches reset around the test."""
-    monkeypatch.syspath_prepend(str(FAKE_GEMS_DIR))
-    sys.modules.pop("flag_gems", None)
-    gems._reset_for_tests()
-    monkeypatch.setattr(rope, "_table_cache", None)
+def fake_gems(fake_gems, monkeypatch):
+    """conftest's fake FlagGems, with CPU tensors accepted by the device check."""
     monkeypatch.setattr(gems, "device_reason", lambda tensor: None)
-    module = gems.load()
-    module.calls.clear()
-    yield module
-    gems._reset_for_tests()
-    sys.modules.pop("flag_gems", None)
+    return fake_gems
 
 
 def load(kernels="reference", first="lightx2v"):
