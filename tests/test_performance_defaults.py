@@ -16,6 +16,20 @@ def nvidia_build(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", None)
 
 
+@pytest.fixture
+def nvidia_routing_without_flag_gems(nvidia_build, monkeypatch):
+    """CPU tensors routed as CUDA ones on an NVIDIA build, with the gems provider and no FlagGems: a call that
+    reaches a FlagGems kernel fails the test."""
+    from fl_patch.kernels import gems
+
+    monkeypatch.setattr(gems, "installed", lambda: None)
+    monkeypatch.setattr(gems, "load", lambda: pytest.fail("a small call reached a FlagGems kernel"))
+    monkeypatch.setattr(gems, "device_reason", lambda tensor: None)
+    gems._reset_for_tests()
+    yield
+    gems._reset_for_tests()
+
+
 def test_attention_and_linear_stay_native_on_nvidia_by_default(nvidia_build):
     fl_patch.apply(kernels="gems")
     [linear] = reasons("torch.linear")
@@ -87,17 +101,11 @@ def test_small_inputs_leave_before_the_shape_checks(nvidia_build, monkeypatch):
         gems._reset_for_tests()
 
 
-def test_small_hf_rms_norm_calls_run_torch_fused_rms_norm_on_nvidia(nvidia_build, monkeypatch):
+def test_small_hf_rms_norm_calls_run_torch_fused_rms_norm_on_nvidia(nvidia_routing_without_flag_gems, monkeypatch):
     """Launch-bound HF RMSNorm calls run one torch op instead of HF's seven; rope and the MLP keep the original.
     A tiny bf16 Llama on CPU, routed as on an NVIDIA GPU: logits stay within bf16 tolerance of HF's own."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fl_patch.kernels import gems
-
-    monkeypatch.setattr(gems, "installed", lambda: None)  # the gems provider, without importing FlagGems
-    monkeypatch.setattr(gems, "load", lambda: pytest.fail("a small call reached a FlagGems kernel"))
-    monkeypatch.setattr(gems, "device_reason", lambda tensor: None)
-    gems._reset_for_tests()
     fused = []
     real = torch.rms_norm
     monkeypatch.setattr(torch, "rms_norm", lambda *args: fused.append(1) or real(*args))
@@ -106,41 +114,29 @@ def test_small_hf_rms_norm_calls_run_torch_fused_rms_norm_on_nvidia(nvidia_build
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     ids = torch.randint(0, 128, (2, 16))
-    try:
-        with torch.no_grad():
-            expected = model(ids).logits
-            with fl_patch.patched(kernels="gems"):
-                actual = model(ids).logits
-                fallbacks = {r["where"].rsplit(".", 2)[-2]: r["fallbacks"] for r in fl_patch.report()
-                             if r["family"] in ("rms_norm", "rope", "swiglu") and r["state"] == "patched"}
-    finally:
-        gems._reset_for_tests()
+    with torch.no_grad():
+        expected = model(ids).logits
+        with fl_patch.patched(kernels="gems"):
+            actual = model(ids).logits
+            fallbacks = {r["where"].rsplit(".", 2)[-2]: r["fallbacks"] for r in fl_patch.report()
+                         if r["family"] in ("rms_norm", "rope", "swiglu") and r["state"] == "patched"}
     assert fallbacks["LlamaRMSNorm"] == {"small input (torch rms_norm)": 5}  # 2 per layer + the final norm
     assert fallbacks["LlamaMLP"] == {"small input": 2}
     assert len(fused) == 5
     torch.testing.assert_close(actual, expected, rtol=0.016, atol=0.05)
 
 
-def test_small_gated_rms_norm_calls_run_torch_fused_rms_norm_on_nvidia(nvidia_build, monkeypatch):
+def test_small_gated_rms_norm_calls_run_torch_fused_rms_norm_on_nvidia(nvidia_routing_without_flag_gems):
     from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRMSNormGated
 
-    from fl_patch.kernels import gems
-
-    monkeypatch.setattr(gems, "installed", lambda: None)
-    monkeypatch.setattr(gems, "load", lambda: pytest.fail("a small call reached a FlagGems kernel"))
-    monkeypatch.setattr(gems, "device_reason", lambda tensor: None)
-    gems._reset_for_tests()
     torch.manual_seed(0)
     norm = Qwen3NextRMSNormGated(64, eps=1e-6).to(torch.bfloat16)
     x, gate = torch.randn(2, 7, 64, dtype=torch.bfloat16) * 3, torch.randn(2, 7, 64, dtype=torch.bfloat16)
-    try:
-        with torch.no_grad():
-            expected = norm(x, gate)
-            with fl_patch.patched(kernels="gems", include=["transformers.rms_norm"]):
-                actual = norm(x, gate)
-                [record] = [r for r in fl_patch.report() if r["where"].endswith("Qwen3NextRMSNormGated.forward")]
-    finally:
-        gems._reset_for_tests()
+    with torch.no_grad():
+        expected = norm(x, gate)
+        with fl_patch.patched(kernels="gems", include=["transformers.rms_norm"]):
+            actual = norm(x, gate)
+            [record] = [r for r in fl_patch.report() if r["where"].endswith("Qwen3NextRMSNormGated.forward")]
     assert record["fallbacks"] == {"small input (torch rms_norm)": 1}
     torch.testing.assert_close(actual, expected, rtol=0.032, atol=0.032)  # 1 bf16 ulp: see test_kernels
 
