@@ -147,7 +147,7 @@ def _run_row(target: table.Target, module: Any, s: settings_mod.Settings, genera
         if problem:
             raise Skip(problem)
         provider, no_provider = None, ""
-        if target.family in table.KERNEL_FAMILIES:
+        if target.family in table.KERNEL_FAMILIES and not target.kernel_free:
             from fl_patch import performance
 
             slower = performance.held_back(target, s)

@@ -50,6 +50,9 @@ class Target:
         behaviour (e.g. registry keys that other code names and must find).
     explicit_choice: the row installs something the user's own code or config must name to use
         (``attn_implementation="flagos"``, a ``flagos_*`` key); performance defaults never hold it back.
+    kernel_free: the row belongs to a kernel family (include/exclude select it with the family) but runs no
+        provider's kernel: no provider is resolved (``ctx.provider`` is None) and performance defaults never
+        hold it back.
     description: one line for ``fl-patch status``.
     """
 
@@ -62,6 +65,7 @@ class Target:
     requires: tuple[str, ...] = ()
     runs_without_kernels: bool = False
     explicit_choice: bool = False
+    kernel_free: bool = False
     description: str = ""
 
     def __post_init__(self):

@@ -61,6 +61,16 @@ TARGETS = [
         description='the default attn_implementation="sdpa" on the provider\'s sdpa kernel',
     ),
     Target(
+        name="transformers.attention.compiled_causal_skip",
+        family="attention",
+        module="transformers.masking_utils",
+        attribute="masking_utils._ignore_causal_mask_sdpa",
+        factory=f"{_HERE}:patch_compiled_causal_skip",
+        requires=_NEEDS,
+        kernel_free=True,
+        description="under torch.compile, unpadded causal sdpa gets is_causal (flash) as in eager, not a mask",
+    ),
+    Target(
         name="transformers.rms_norm",
         family="rms_norm",
         module=MODELING,
@@ -582,6 +592,58 @@ def patch_attention_sdpa(modeling_utils, ctx) -> None:
         return
     mapping = modeling_utils.AttentionInterface._global_mapping
     ctx.setitem(rec, mapping, "sdpa", _attention_function(ctx, rec, mapping["sdpa"]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The causal mask under torch.compile
+#
+# Eagerly, transformers' sdpa_mask builds no mask for an unpadded causal call (no attention_mask, and q_length
+# 1 or equal to kv_length, or an empty cache): SDPA's is_causal flag then reaches the flash kernel. While
+# dynamo traces it never skips, because the skip must not be baked into a torch.export graph and, before
+# torch 2.14 (pytorch#176499), ``torch.compiler.is_exporting()`` is constant True inside dynamo; so a compiled
+# model gets a materialised (B, 1, S, S) mask and a slower SDPA kernel. transformers skips under compile
+# itself from torch 2.14 on (5.23's comment says so); this backports that case to older torch by reading the
+# flag export sets. Calls with a padding mask (its values can't be read while tracing), a tensor q_offset,
+# a sliding window that applies, or outside dynamo, all go to the original.
+
+CAUSAL_SKIP_PARAMETERS = ("padding_mask", "q_length", "kv_length", "q_offset", "kv_offset", "local_attention_size")
+
+
+def patch_compiled_causal_skip(masking_utils, ctx) -> None:
+    """Wrap ``masking_utils._ignore_causal_mask_sdpa`` (called by ``sdpa_mask`` through the module global) so that
+    under torch.compile, not export, an unpadded causal call skips the mask as it does eagerly."""
+    rec = ctx.record("transformers.masking_utils._ignore_causal_mask_sdpa")
+    original = getattr(masking_utils, "_ignore_causal_mask_sdpa", None)
+    if original is None:
+        ctx.skip(rec, "transformers.masking_utils has no _ignore_causal_mask_sdpa")
+        return
+    parameters = tuple(inspect.signature(original).parameters)
+    if parameters != CAUSAL_SKIP_PARAMETERS:
+        ctx.skip(rec, f"_ignore_causal_mask_sdpa{parameters} is not the known signature {CAUSAL_SKIP_PARAMETERS}")
+        return
+    rec.provider = "torch sdpa"
+    ctx.setattr(rec, masking_utils, "_ignore_causal_mask_sdpa", _causal_skip_under_compile(original))
+
+
+def _causal_skip_under_compile(original):
+    import torch
+
+    def compiling_not_exporting() -> bool:
+        # torch.export sets _is_exporting_flag before dynamo traces; absent (unknown torch), assume export.
+        return torch.compiler.is_dynamo_compiling() and not getattr(torch.compiler, "_is_exporting_flag", True)
+
+    def ignore_causal_mask_sdpa(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size=None):
+        if (
+            padding_mask is None
+            and not isinstance(q_offset, torch.Tensor)
+            and compiling_not_exporting()
+            and (local_attention_size is None or kv_length < local_attention_size)
+            and (q_length == 1 or kv_length == q_length or q_offset == 0)
+        ):
+            return True
+        return original(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size)
+
+    return like(ignore_causal_mask_sdpa, original)
 
 
 # ---------------------------------------------------------------------------------------------------------
