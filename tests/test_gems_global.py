@@ -91,6 +91,14 @@ def row_records():
     return [r for r in fl_patch.report() if r["target"] == ROW]
 
 
+def destroy_user_library(lib):
+    """Destroy a test's own Library now, and disarm the finalizer torch gives it: at garbage collection, maybe
+    tests later, it would remove this Library's op keys from torch's registry of Python kernels again, although
+    another Library may hold them by then (a later test saw its own abs registration vanish that way)."""
+    lib._destroy()
+    lib._op_impls.clear()
+
+
 def python_kernel_registered(op="abs", key="CPU"):
     return f"aten/{op}/{key}" in torch.library._impls
 
@@ -177,7 +185,7 @@ def test_after_users_own_enable_takeover_is_reported_and_undone(fake_gems, caplo
         with pytest.raises(PatchError, match="1 ops had a Python kernel from another Library"):
             fl_patch.apply(include=["gems_global"], gems_global=True, strict=True)
     finally:
-        user_lib._destroy()
+        destroy_user_library(user_lib)
 
 
 def test_refused_second_registration_is_reported_not_silent(monkeypatch, caplog):
@@ -202,7 +210,7 @@ def test_refused_second_registration_is_reported_not_silent(monkeypatch, caplog)
         ours = fake.enabled[-1][0]
         assert ours.m is None  # destroyed before raising
     finally:
-        user_lib._destroy()
+        destroy_user_library(user_lib)
         fl_patch.revert()
         gems._reset_for_tests()
 
