@@ -11,7 +11,7 @@ from fl_patch.integrations import transformers as integration
 
 pytest.importorskip("transformers")
 import transformers.masking_utils as masking_utils  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+import transformers_coverage as coverage  # noqa: E402  (needs transformers)
 
 ROW = "transformers.attention.compiled_causal_skip"
 
@@ -88,13 +88,6 @@ def test_export_gets_the_originals_answer(strict):
     torch._dynamo.reset()
 
 
-def llama():
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
-
-
 def sdpa_masks_traced(monkeypatch, model, input_ids):
     """Compile `model` (eager backend) on `input_ids` with a KV cache and no attention mask; return the logits
     and, per traced SDPA call, whether it had no mask and its is_causal. (Without a cache, transformers keeps
@@ -117,18 +110,19 @@ def sdpa_masks_traced(monkeypatch, model, input_ids):
 
 def test_compiled_llama_gets_is_causal_instead_of_a_mask_and_the_same_logits(monkeypatch, never_skips_while_tracing):
     monkeypatch.setattr(masking_utils, "_ignore_causal_mask_sdpa", never_skips_while_tracing)
-    model, input_ids = llama(), torch.randint(0, 128, (2, 24))
+    model, input_ids = coverage.build("llama"), torch.randint(0, coverage.VOCAB, (2, 24))
+    layers = model.config.num_hidden_layers
     with torch.no_grad():
         eager = model(input_ids=input_ids, use_cache=True).logits
 
     masked, seen = sdpa_masks_traced(monkeypatch, model, input_ids)
-    assert seen == [(False, False)] * 2  # the traced graph builds and passes a (B, 1, S, S) mask
+    assert seen == [(False, False)] * layers  # the traced graph builds and passes a (B, 1, S, S) mask
 
     fl_patch.apply(kernels="reference", include=[ROW])
     [record] = [r for r in fl_patch.report() if r["target"] == ROW]
     assert (record["state"], record["provider"]) == ("patched", "torch sdpa")
     skipped, seen = sdpa_masks_traced(monkeypatch, model, input_ids)
-    assert seen == [(True, True)] * 2
+    assert seen == [(True, True)] * layers
     # fp32: the masked and the is_causal SDPA sum in other orders
     torch.testing.assert_close(skipped, eager, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(masked, eager, rtol=1e-5, atol=1e-5)
