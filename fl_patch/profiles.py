@@ -1,0 +1,258 @@
+"""Device profiles: what ``fl-patch tune`` measured on one device, kept as JSON data, read by the routing.
+
+A profile says, per kernel family (and optionally per form of it), whether calls on that device go to FlagGems
+(``"route": "gems"``, at or above ``min_elements`` elements of the call's deciding tensor, 0 = every size) or
+stay on the native path (``"route": "native"``), with a ``why`` for people and the measurements it came from.
+Nothing in a profile is executed: it is parsed as JSON and checked field by field.
+
+Where profiles come from, first match wins: ``FL_PATCH_PROFILE`` (a file, a folder of profiles, or ``off``: no
+performance routing at all), then the user's cache (``$XDG_CACHE_HOME/fl_patch/profiles``, ``~/.cache`` when
+unset; ``fl-patch tune`` writes there), then the profiles shipped in this package (``fl_patch/profiles/``). A
+file or folder named by ``FL_PATCH_PROFILE`` is used whatever device it was made on (the status says so when it
+differs); in the cache and the package only a profile of this device's vendor and name counts. A profile made with
+other torch or flag_gems versions is used and flagged as stale.
+
+The format (``schema`` 1)::
+
+    {"schema": 1, "kind": "fl_patch.profile",
+     "device": {"vendor": "nvidia", "name": "NVIDIA H200", "type": "cuda", "capability": "9.0"},
+     "versions": {"fl_patch": "0.1.0", "torch": "2.11.0+cu130", "triton": "3.6.0", "flag_gems": "5.0.2"},
+     "date": "2026-12-03T10:00:00+00:00",
+     "families": {"rms_norm": {"route": "gems", "min_elements": 4194304, "why": "...",
+                               "forms": {"gemma": {"route": "gems", "min_elements": 0, "why": "..."}},
+                               "measurements": [...]},
+                  "linear": {"route": "native", "why": "..."}}}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fl_patch.errors import FlPatchError
+
+SCHEMA = 1
+KIND = "fl_patch.profile"
+ROUTES = ("gems", "native")
+OFF = "off"
+
+# family -> its forms: the routing keys "<family>.<form>" a profile speaks of (each a form of fl_patch.kernels).
+FAMILY_FORMS = {
+    "attention": ("sdpa", "varlen"),
+    "rms_norm": ("hf", "gemma", "fp32", "gated", "torch"),
+    "rope": ("hf", "interleaved"),
+    "linear": ("linear", "in_out"),
+    "swiglu": ("swiglu",),
+    "layer_norm": ("layer_norm",),
+}
+SHIPPED_DIR = Path(__file__).resolve().parent / "profiles"
+
+
+class ProfileError(FlPatchError):
+    """A profile file that can't be used; the message names the file and what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """How calls of one routing key go: ``route`` "gems" (at or above ``min_elements``) or "native"."""
+
+    route: str
+    min_elements: int = 0
+    why: str = ""
+
+
+@dataclass
+class Profile:
+    """A parsed profile. ``source``: where it was found (``FL_PATCH_PROFILE``, ``user cache``, ``shipped``)."""
+
+    path: str
+    source: str
+    device: dict
+    versions: dict
+    date: str
+    families: dict[str, Decision]
+    forms: dict[str, Decision]  # "<family>.<form>" -> its own decision, where the profile gives one
+    data: dict = field(repr=False, default_factory=dict)
+
+    def decision(self, key: str) -> Decision:
+        """The decision for routing key ``family.form``: the form's own, else the family's, else gems everywhere."""
+        if key in self.forms:
+            return self.forms[key]
+        family = key.split(".", 1)[0]
+        return self.families.get(family, Decision("gems", 0, "not measured in this profile"))
+
+    def matches(self, device) -> bool:
+        """Whether this profile was made on a device of this vendor and name."""
+        vendor = self.device.get("vendor")
+        same_vendor = vendor is None or device.vendor is None or vendor == device.vendor
+        return same_vendor and _same_name(self.device.get("name", ""), device.name)
+
+    def stale_reasons(self, installed: dict[str, str | None]) -> list[str]:
+        """Why the profile may no longer describe this install: torch or flag_gems of another release."""
+        from fl_patch.versions import release
+
+        reasons = []
+        for name in ("torch", "flag_gems"):
+            made, have = self.versions.get(name), installed.get(name)
+            if made and have and release(made) != release(have):
+                reasons.append(f"made with {name} {made}, this process has {have}")
+        return reasons
+
+
+def _same_name(a: str, b: str) -> bool:
+    return " ".join(a.lower().split()) == " ".join(b.lower().split())
+
+
+def cache_dir(env=None) -> Path:
+    """The user's profile folder: ``$XDG_CACHE_HOME/fl_patch/profiles``, ``~/.cache/fl_patch/profiles`` if unset."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fl_patch" / "profiles"
+
+
+def file_name(device: dict, flag_gems_version: str | None) -> str:
+    """``nvidia-nvidia-h200-flag_gems-5.0.2.json``: vendor, device name and flag_gems version, slugged."""
+    parts = [device.get("vendor") or "unknown", device.get("name") or device.get("type") or "device"]
+    stem = "-".join(_slug(part) for part in parts)
+    return f"{stem}-flag_gems-{_slug(flag_gems_version or 'none')}.json"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-") or "x"
+
+
+def read(path: str | os.PathLike, source: str) -> Profile:
+    """Parse and check one profile file; ProfileError naming the file and the problem otherwise."""
+    path = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ProfileError(f"profile {path}: no such file") from None
+    except OSError as exc:
+        raise ProfileError(f"profile {path}: can't be read ({exc.strerror or exc})") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ProfileError(f"profile {path}: not JSON ({exc})") from None
+    return parse(data, path, source)
+
+
+def parse(data, path: str, source: str) -> Profile:
+    """A Profile from decoded JSON `data`, every field checked; ProfileError naming `path` and the field."""
+    def fail(problem: str):
+        raise ProfileError(f"profile {path}: {problem}")
+
+    if not isinstance(data, dict):
+        fail(f"expected a JSON object, found {type(data).__name__}")
+    if data.get("schema") != SCHEMA:
+        fail(f"unknown schema {data.get('schema')!r}; this fl_patch reads schema {SCHEMA}")
+    device, versions, families = data.get("device"), data.get("versions", {}), data.get("families")
+    if not isinstance(device, dict) or not isinstance(device.get("name"), str):
+        fail("'device' must be an object with a 'name' string")
+    if not isinstance(versions, dict):
+        fail("'versions' must be an object")
+    if not isinstance(families, dict):
+        fail("'families' must be an object mapping family names to decisions")
+    decisions, forms = {}, {}
+    for family, entry in families.items():
+        if family not in FAMILY_FORMS:
+            fail(f"unknown family {family!r}; accepted: {', '.join(FAMILY_FORMS)}")
+        decisions[family] = _decision(entry, f"families.{family}", fail)
+        own_forms = entry.get("forms", {})
+        if not isinstance(own_forms, dict):
+            fail(f"families.{family}.forms must be an object")
+        for form, form_entry in own_forms.items():
+            if form not in FAMILY_FORMS[family]:
+                fail(f"families.{family}.forms: unknown form {form!r}; accepted: {', '.join(FAMILY_FORMS[family])}")
+            forms[f"{family}.{form}"] = _decision(form_entry, f"families.{family}.forms.{form}", fail)
+    return Profile(path=path, source=source, device=device, versions={k: str(v) for k, v in versions.items()},
+                   date=str(data.get("date", "")), families=decisions, forms=forms, data=data)
+
+
+def _decision(entry, where: str, fail) -> Decision:
+    if not isinstance(entry, dict):
+        fail(f"{where} must be an object")
+    route = entry.get("route")
+    if route not in ROUTES:
+        fail(f"{where}.route is {route!r}; accepted: {', '.join(ROUTES)}")
+    minimum = entry.get("min_elements", 0)
+    if not isinstance(minimum, int) or isinstance(minimum, bool) or minimum < 0:
+        fail(f"{where}.min_elements is {minimum!r}; accepted: an integer >= 0")
+    why = entry.get("why", "")
+    return Decision(route, minimum if route == "gems" else 0, why if isinstance(why, str) else str(why))
+
+
+@dataclass
+class Lookup:
+    """The outcome of looking for this device's profile: the profile (or None), the places searched, and the
+    files that were found broken (each a message naming the file)."""
+
+    profile: Profile | None
+    searched: list[str]
+    problems: list[str]
+    setting: str | None  # FL_PATCH_PROFILE as given (None: unset)
+
+    @property
+    def off(self) -> bool:
+        return self.setting is not None and self.setting.lower() == OFF
+
+
+def find(device, setting: str | None, env=None) -> Lookup:
+    """This device's profile by the lookup order (module docstring). `setting` is FL_PATCH_PROFILE (None: unset).
+
+    A FL_PATCH_PROFILE file that is broken gives no profile (its problem is listed); broken files in the folders
+    searched are listed and passed over.
+    """
+    if setting is not None and setting.lower() == OFF:
+        return Lookup(None, [], [], setting)
+    problems: list[str] = []
+    if setting is not None:
+        chosen = Path(os.path.expanduser(setting))
+        if not chosen.is_dir():
+            try:
+                return Lookup(read(chosen, "FL_PATCH_PROFILE"), [str(chosen)], [], setting)
+            except ProfileError as exc:
+                return Lookup(None, [str(chosen)], [str(exc)], setting)
+        places = [(chosen, "FL_PATCH_PROFILE")]
+    else:
+        places = [(cache_dir(env), "user cache"), (SHIPPED_DIR, "shipped")]
+    for folder, source in places:
+        found = _best_in(folder, source, device, problems)
+        if found is not None:
+            return Lookup(found, [str(p) for p, _ in places], problems, setting)
+    return Lookup(None, [str(p) for p, _ in places], problems, setting)
+
+
+def _best_in(folder: Path, source: str, device, problems: list[str]) -> Profile | None:
+    """The profile in `folder` made on this device, preferring this flag_gems release, then the newest."""
+    from fl_patch.versions import installed_version
+
+    try:
+        paths = sorted(folder.glob("*.json"))
+    except OSError:
+        return None
+    fitting = []
+    for path in paths:
+        try:
+            profile = read(path, source)
+        except ProfileError as exc:
+            problems.append(str(exc))
+            continue
+        if profile.matches(device):
+            fitting.append(profile)
+    if not fitting:
+        return None
+    gems_version = installed_version("flag-gems")
+    return max(fitting, key=lambda p: (p.versions.get("flag_gems") == gems_version, p.date))
+
+
+def write(data: dict, path: str | os.PathLike) -> Path:
+    """Write a profile (checked by :func:`parse` first) as indented JSON; returns the path."""
+    path = Path(path)
+    parse(data, str(path), "new")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    return path
