@@ -14,6 +14,7 @@ rows are read when activation happens, that is when the first of these packages 
 
 import sys
 
+BOOTSTRAP_SOURCE = "sitecustomize"
 WATCHED_PACKAGES = frozenset({"torch", "transformers", "lightx2v", "lightx2v_platform", "flag_gems", "flagcx"})
 
 
@@ -64,3 +65,9 @@ def activate(source):
         _activate_now(source)
     elif not installed():
         sys.meta_path.insert(0, _Trigger(source))
+    elif source == BOOTSTRAP_SOURCE:
+        # The bootstrap's own import of the package installed the trigger as "import fl_patch": the bootstrap is
+        # the real activation path, and messages should say so.
+        for finder in sys.meta_path:
+            if isinstance(finder, _Trigger):
+                finder.source = source

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import signal
 import sys
 import sysconfig
 
@@ -34,6 +36,10 @@ def run(command: list[str]) -> int:
     if not command:
         print("fl-patch run: give a command, e.g. fl-patch run -- python train.py", file=sys.stderr)
         return 2
+    flag = site_disabling_flag(command)
+    if flag:
+        print(f"fl-patch run: warning: {flag} makes Python skip sitecustomize, so {command[0]} runs unpatched",
+              file=sys.stderr)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (bootstrap_dir(), env.get("PYTHONPATH", "")) if p)
     try:
@@ -43,35 +49,70 @@ def run(command: list[str]) -> int:
         return 127
 
 
+def site_disabling_flag(command: list[str]) -> str | None:
+    """The option of a Python command line that keeps the bootstrap from running (``-S``: no site; ``-I``:
+    isolated; ``-E``: PYTHONPATH ignored), or None. Only interpreter options before the program count."""
+    if not re.fullmatch(r"python[0-9.]*", os.path.basename(command[0])) and command[0] != sys.executable:
+        return None
+    arguments = iter(command[1:])
+    for argument in arguments:
+        if argument.startswith("--"):
+            continue  # --version, --help, ...: no value to skip
+        if not argument.startswith("-") or argument == "-":
+            return None  # the script: what follows is its own
+        for position, letter in enumerate(argument[1:], start=1):
+            if letter in "SIE":
+                return f"-{letter}"
+            if letter in "cm":
+                return None  # what follows is the program
+            if letter in "WX":
+                if position == len(argument) - 1:
+                    next(arguments, None)  # the option's value is the next argument
+                break
+    return None
+
+
 def status(as_json: bool) -> int:
-    """Print the environment and every target's state after applying from the environment."""
+    """Print the environment and every target's state after applying from the environment. A setting that
+    can't be read is said once on stderr, and the exit status is 2; the rest is still shown."""
     from fl_patch import environment, reporting, runtime, settings
 
     info = environment.describe()
-    try:
-        chosen = settings.load()
-    except Exception as exc:
-        print(f"fl-patch status: {exc}", file=sys.stderr)
-        return 2
+    chosen, problems = settings.load_lenient()
     environment.import_targets()
-    runtime.apply(chosen)
-    records = runtime.records()
+    try:
+        problems += runtime.apply(chosen, lenient=True)
+        records = runtime.records()
+    except settings.SettingsError as exc:
+        problems.append(f"{exc} (nothing was applied)")
+        records = runtime.unapplied_records("not applied: a setting can't be read")
     warnings = environment.early_bindings()
     if as_json:
         print(json.dumps({"environment": info, "settings": environment.settings_dict(chosen),
-                          "early_bindings": warnings, "targets": records}, indent=2, default=str))
-        return 0
-    print("fl_patch status")
-    for key, value in info.items():
-        print(f"  {key:<18} {value}")
-    print("  settings          " + ", ".join(f"{k}={v}" for k, v in environment.settings_dict(chosen).items()))
-    for line in warnings:
-        print(f"  warning: {line}")
-    print(reporting.format_table(records))
-    return 0
+                          "problems": problems, "early_bindings": warnings, "targets": records},
+                         indent=2, default=str))
+    else:
+        print("fl_patch status")
+        for key, value in info.items():
+            print(f"  {key:<18} {value}")
+        print("  settings          " + ", ".join(f"{k}={v}" for k, v in environment.settings_dict(chosen).items()))
+        for line in warnings:
+            print(f"  warning: {line}")
+        print(reporting.format_table(records))
+    for problem in problems:
+        print(f"fl-patch status: {problem}", file=sys.stderr)
+    return 2 if problems else 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``fl-patch`` command. Exit status: the command's, 2 for bad arguments or settings."""
+    from fl_patch import _bootstrap
+
+    _bootstrap.uninstall()  # `import fl_patch` set up automatic activation: each command applies (or not) itself
+    if hasattr(signal, "SIGPIPE"):
+        # As a Unix tool: end quietly when a reader such as `head` closes the pipe, and let `run`'s command
+        # start with SIGPIPE at its default (Python ignores it, and exec would pass that on).
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="fl-patch", description="Run code on FlagGems/FlagCX with no changes.")
     commands = parser.add_subparsers(dest="command", required=True)

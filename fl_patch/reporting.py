@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger("fl_patch")
 
-STATES = ("patched", "excluded", "skipped", "failed", "waiting", "reverted")
+STATES = ("patched", "fallback", "excluded", "skipped", "failed", "waiting", "reverted")
 
 
 @dataclass
@@ -74,21 +74,54 @@ def summary(records: list[dict]) -> dict[str, int]:
 
 
 def format_table(records: list[dict]) -> str:
-    """A readable text table of records, grouped by family, with a summary line."""
-    lines = []
+    """A readable text table of records (family, state, provider, target name, place, detail), sorted by family,
+    with a summary line. Rows waiting for a library that is not installed are folded into one line per library."""
+    import importlib.util
+
+    missing: dict[str, list[str]] = {}
+    shown = []
+    for record in records:
+        package = record["where"].split(".", 1)[0]
+        if record["state"] == "waiting" and _not_installed(package, importlib.util):
+            missing.setdefault(package, []).append(record["target"])
+        else:
+            shown.append(record)
     counts = summary(records)
-    lines.append("fl_patch report: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) if counts else
-                 "fl_patch report: nothing recorded")
-    for record in sorted(records, key=lambda r: (r["family"], r["target"], r["where"])):
+    head = ("fl_patch report: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) if counts else
+            "fl_patch report: nothing recorded")
+    lines = [head + _hint(records)]
+    width = max([len(r["target"]) for r in shown] + [6])
+    for record in sorted(shown, key=lambda r: (r["family"], r["target"], r["where"])):
         detail = record["reason"]
         if record["fallbacks"]:
             calls = ", ".join(f"{reason}: {n}" for reason, n in sorted(record["fallbacks"].items()))
             detail = (detail + "; " if detail else "") + f"fallbacks {calls}"
         lines.append(
-            f"  {record['family']:<11} {record['state']:<8} {record['provider']:<15} {record['where']}"
-            + (f"  ({detail})" if detail else "")
+            f"  {record['family']:<11} {record['state']:<8} {record['provider']:<15} {record['target']:<{width}}"
+            f" {record['where']}" + (f"  ({detail})" if detail else "")
         )
+    if missing:
+        count = sum(len(targets) for targets in missing.values())
+        lines.append(f"  {count} more rows wait for {', '.join(sorted(missing))}, not installed"
+                     " (`fl-patch status --json` lists them)")
     return "\n".join(lines)
+
+
+def _not_installed(package: str, util) -> bool:
+    try:
+        return package not in sys.modules and util.find_spec(package) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def _hint(records: list[dict]) -> str:
+    """What the summary line adds when kernel rows were skipped because FlagGems can't be used here."""
+    prefix = "FlagGems unavailable: "
+    why = [r["reason"][len(prefix):] for r in records if r["state"] == "skipped" and r["reason"].startswith(prefix)]
+    if not why:
+        return ""
+    return (f"; FlagGems is unavailable ({why[0]}), so kernel rows stay original: FL_PATCH_KERNELS=reference runs"
+            " fl_patch's torch kernels on the same patched paths")
 
 
 def is_rank_zero() -> bool:

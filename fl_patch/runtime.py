@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -46,6 +47,7 @@ class _State:
         self.done: set[tuple[str, str]] = set()  # (row name, module name) already handled
         self.generation = 0  # bumped by apply and revert; a factory's changes count only in its own
         self.atexit_registered = False
+        self.kernel_errors: set[tuple[str, str]] = set()  # (place, exception type) already logged
 
 
 _state = _State()
@@ -207,25 +209,28 @@ def _watch_pattern(target: table.Target) -> None:
         hooks.watch(module_name, _on_import)
 
 
-def apply(settings: settings_mod.Settings | None = None, extra_targets: tuple[table.Target, ...] = ()) -> None:
+def apply(settings: settings_mod.Settings | None = None, extra_targets: tuple[table.Target, ...] = (),
+          lenient: bool = False) -> list[str]:
     """Patch according to `settings` (default: from the environment).
 
     Modules already imported are patched now; the others when they are imported. Calling apply again
     with equal settings does nothing; with different settings it reverts first, then applies the new ones.
-    Raises SettingsError for bad settings or unknown include/exclude names.
+    Raises SettingsError for bad settings, unknown include/exclude names, or an include name that the exclude
+    list removes entirely. With `lenient` (automatic activation) unknown include names and such clashes are
+    dropped instead (exclude wins), and the returned list says what was ignored; an unknown exclude name still
+    raises (patching what was meant to be excluded could change the user's results).
     """
     s = settings if settings is not None else settings_mod.load()
     with _state.lock:
         if _state.active and s == _state.settings and not extra_targets:
-            return
+            return []
         registry = table.build_registry(extra_targets)
-        registry.check_names("FL_PATCH_INCLUDE / include", s.include)
-        registry.check_names("FL_PATCH_EXCLUDE / exclude", s.exclude)
+        include, problems = _checked_names(registry, s, lenient)
         if _state.active:
             revert()
         logging.getLogger("fl_patch").setLevel(s.log_level)
         _state.settings, _state.registry = s, registry
-        _state.selected, _state.excluded = registry.select(s.include, s.exclude)
+        _state.selected, _state.excluded = registry.select(include, s.exclude)
         _state.records, _state.done = [], set()
         _state.active = True
         _state.generation += 1
@@ -239,6 +244,34 @@ def apply(settings: settings_mod.Settings | None = None, extra_targets: tuple[ta
                 watched.append(name)
     for name in watched:  # modules already imported are patched now, by this thread, outside the lock
         hooks.watch(name, _on_import)
+    return problems
+
+
+INCLUDE_SETTING = "FL_PATCH_INCLUDE / include"
+EXCLUDE_SETTING = "FL_PATCH_EXCLUDE / exclude"
+
+
+def _checked_names(registry: table.Registry, s: settings_mod.Settings, lenient: bool) -> tuple[tuple, list[str]]:
+    """The include list to use and what was ignored of it (see :func:`apply`)."""
+    registry.check_names(EXCLUDE_SETTING, s.exclude)
+    problems = []
+    include = s.include
+    unknown = registry.unknown_names(include)
+    if unknown and not lenient:
+        registry.check_names(INCLUDE_SETTING, unknown)
+    for name in unknown:
+        problems.append(registry.unknown_name_message(INCLUDE_SETTING, name) + " Ignored.")
+    include = tuple(name for name in include if name not in unknown)
+    if s.include and not include:
+        raise SettingsError(f"{INCLUDE_SETTING}: no name is known ({', '.join(s.include)}); an empty include list "
+                            "would patch everything, so nothing is patched")
+    for name in registry.fully_excluded(include, s.exclude):
+        message = (f"{name!r} is both included ({INCLUDE_SETTING}) and excluded ({EXCLUDE_SETTING}), which selects"
+                   " none of it")
+        if not lenient:
+            raise SettingsError(message + "; name it in one of the two lists")
+        problems.append(message + ": exclude wins, it is not patched")
+    return include, problems
 
 
 def revert() -> list[Exception]:
@@ -272,6 +305,11 @@ def records() -> list[dict]:
     imported (state ``waiting``) and one per excluded row."""
     with _state.lock:
         out = [r.as_dict() for r in _state.records]
+        unusable = _gems_unusable()
+        if unusable:
+            for record in out:
+                if record["provider"] == PROVIDER_NAMES["gems"] and record["state"] == "patched":
+                    record["state"], record["reason"] = "fallback", unusable
         handled = {r.target for r in _state.records}
         for target in _state.selected:
             if target.name not in handled:
@@ -281,6 +319,20 @@ def records() -> list[dict]:
             out.append(reporting.Record(target.family, target.name, target.module, state="excluded",
                                      reason="excluded by settings").as_dict())
         return out
+
+
+def unapplied_records(reason: str, extra_targets: tuple[table.Target, ...] = ()) -> list[dict]:
+    """One ``skipped`` record per row of the patch table, for showing the rows when nothing could be applied."""
+    registry = table.build_registry(extra_targets)
+    return [reporting.Record(t.family, t.name, t.module, state="skipped", reason=reason).as_dict()
+            for t in registry.targets.values()]
+
+
+def _gems_unusable() -> str:
+    """Why FlagGems, once tried, can't be imported ("" while it can, or hasn't been tried)."""
+    gems = sys.modules.get("fl_patch.kernels.gems")
+    error = getattr(gems, "_load_error", None)
+    return f"FlagGems can't be used ({error}): calls run the original" if error else ""
 
 
 def patched_module_attributes() -> list[tuple[Any, str, Any]]:
@@ -293,32 +345,44 @@ def patched_module_attributes() -> list[tuple[Any, str, Any]]:
 
 
 def activate(source: str) -> None:
-    """Automatic activation (bootstrap trigger, ``import fl_patch``): apply from the environment unless
-    already active. Never raises unless FL_PATCH_STRICT=1; otherwise problems become one warning."""
-    import os
-
-    env = dict(os.environ)
+    """Automatic activation (bootstrap trigger, ``import fl_patch``, the LightX2V plugin): apply from the
+    environment unless already active. A setting it can't read is ignored where that is safe (and said once, in
+    one message naming `source`); one it can't ignore leaves fl_patch off. Raises only with FL_PATCH_STRICT=1."""
     try:
-        # FL_PATCH only decides whether automatic activation happens at all, and the caller already
-        # decided it does; a bad value is warned about (by the bootstrap at start-up) and read as on.
-        settings_mod.parse_bool("FL_PATCH", env.pop("FL_PATCH", "1"))
-    except SettingsError as exc:
-        if source != "sitecustomize":
-            import warnings
-
-            warnings.warn(f"{exc} (fl_patch stays enabled)", RuntimeWarning, stacklevel=2)
-    try:
+        s, problems = settings_mod.load_at_startup()
         if not _state.active:
-            apply(settings_mod.load(env))  # equal settings already applied by another thread: apply returns
+            problems += apply(s, lenient=True)  # equal settings already applied by another thread: apply returns
     except Exception as exc:
         if settings_mod.strict_from_env():
             raise
-        import warnings
+        kind = "bad setting" if isinstance(exc, SettingsError) else f"error {type(exc).__name__}"
+        problems = [f"did not activate ({kind}): {exc}"]
+    if problems:
+        log.warning("fl_patch (%s): %s", source, "\n  ".join(problems))
 
-        kind = "bad setting" if isinstance(exc, SettingsError) else "error"
-        warnings.warn(f"fl_patch ({source}) did not activate, {kind}: {exc}", RuntimeWarning, stacklevel=2)
+
+def kernel_failed(rec: reporting.Record, exc: Exception) -> str:
+    """A provider's kernel raised `exc` on a call of `rec`'s place: the reason to count that call under (the
+    caller then runs the original). FlagGems that can't be imported turns every record on it into a
+    ``fallback`` one, said once; another error is logged once per place and exception type. With
+    FL_PATCH_STRICT=1 it raises PatchError instead."""
+    from fl_patch.kernels import gems
+
+    if isinstance(exc, gems.GemsUnavailable):
+        reason, message, key = gems.UNUSABLE, f"FlagGems can't be used ({exc}): patched calls run the original", ""
+    else:
+        reason, key = f"kernel error: {type(exc).__name__}", rec.where
+        message = f"the FlagGems kernel of {rec.where} raised {type(exc).__name__}: {gems.first_line(exc)}"
+    with _state.lock:
+        first = (key, reason) not in _state.kernel_errors
+        _state.kernel_errors.add((key, reason))
+    if _state.settings is not None and _state.settings.strict:
+        raise PatchError(message) from exc
+    if first:
+        log.warning("fl_patch: %s; this call and the next ones like it run the original", message)
+    return reason
 
 
 def _print_report_at_exit() -> None:
     if reporting.is_rank_zero():
-        print(reporting.format_table(records()))
+        print(reporting.format_table(records()), file=sys.stderr)

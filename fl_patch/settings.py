@@ -1,36 +1,35 @@
 """Settings: explicit arguments > ``FL_PATCH_*`` environment variables > defaults, as one frozen object.
 
-The seed plugin's ``LIGHTX2V_FL_*`` variables are accepted as aliases; an ``FL_PATCH_*`` variable wins
-over its alias when both are set. Every bad value raises :class:`SettingsError` naming the variable (or
-argument), the value and what is accepted. Include/exclude *names* are checked later, against the patch
-table (see :func:`fl_patch.table.Registry.check_names`).
+Every setting is a row of :data:`OPTIONS`: its keyword, its variable, what kind of value it takes, and what a
+start-up value fl_patch can't read becomes instead. The seed plugin's ``LIGHTX2V_FL_*`` variables are accepted
+as aliases; an ``FL_PATCH_*`` variable wins over its alias when both are set.
+
+Two ways to read them:
+
+- :func:`load` (``apply()``, ``fl-patch status``): every bad value, explicit or from the environment, raises
+  :class:`SettingsError` naming the argument or variable, the value and what is accepted.
+- :func:`load_at_startup` (automatic activation): a bad environment value is replaced by the option's safe
+  value and described in the returned messages, so one typo doesn't switch fl_patch off; with
+  ``FL_PATCH_STRICT=1`` it raises instead.
+
+Include/exclude *names* are checked later, against the patch table (``fl_patch.table.Registry.check_names``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from fl_patch.errors import SettingsError
 
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
+BOOL_WORDS = ", ".join(w for pair in zip(TRUE_WORDS, FALSE_WORDS, strict=True) for w in pair)
 KERNEL_PROVIDERS = ("gems", "reference")
 DIST_MODES = ("auto", "flagcx", "native")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-# variable -> (its alias, how to read the alias's value into the variable's meaning)
-ALIASES = {
-    "FL_PATCH_AUTO": ("LIGHTX2V_FL_AUTO_REGISTER", lambda v: v),
-    "FL_PATCH_GEMS_GLOBAL": ("LIGHTX2V_FL_GLOBAL_GEMS", lambda v: v),
-    "FL_PATCH_GEMS_UNUSED": ("LIGHTX2V_FL_GEMS_UNUSED", lambda v: v),
-    # DISABLE_FLAGCX=1 means native; 0 means "not disabled", i.e. auto.
-    "FL_PATCH_DIST": (
-        "LIGHTX2V_FL_DISABLE_FLAGCX",
-        lambda v: "native" if parse_bool("LIGHTX2V_FL_DISABLE_FLAGCX", v) else "auto",
-    ),
-}
+PROFILE_OFF = "off"
 
 
 @dataclass(frozen=True)
@@ -49,6 +48,52 @@ class Settings:
     strict: bool = False
     log_level: str = "WARNING"
     report_at_exit: bool = False
+    profile: str | None = None  # FL_PATCH_PROFILE: None = look it up, "off", or a file / folder path
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting. kind: ``bool``, ``choice`` (one of `choices`), ``list`` (comma list of names) or ``path``.
+    if_bad: what a start-up value that can't be read becomes, and `if_bad_words` says so in the message."""
+
+    key: str
+    variable: str
+    kind: str
+    choices: tuple[str, ...] = ()
+    if_bad: object = None
+    if_bad_words: str = ""
+
+
+OPTIONS = (
+    Option("enabled", "FL_PATCH", "bool", if_bad=True, if_bad_words="fl_patch stays enabled"),
+    Option("auto", "FL_PATCH_AUTO", "bool", if_bad=True, if_bad_words="import fl_patch still applies"),
+    Option("include", "FL_PATCH_INCLUDE", "list"),
+    Option("exclude", "FL_PATCH_EXCLUDE", "list"),
+    Option("kernels", "FL_PATCH_KERNELS", "choice", KERNEL_PROVIDERS, if_bad="gems",
+           if_bad_words="using the default, gems"),
+    Option("gems_global", "FL_PATCH_GEMS_GLOBAL", "bool", if_bad=False,
+           if_bad_words="the global override stays off"),
+    Option("gems_unused", "FL_PATCH_GEMS_UNUSED", "list"),
+    Option("dist", "FL_PATCH_DIST", "choice", DIST_MODES, if_bad="native",
+           if_bad_words="FlagCX is not made the default backend (as with native)"),
+    Option("strict", "FL_PATCH_STRICT", "bool", if_bad=False, if_bad_words="not strict"),
+    Option("log_level", "FL_PATCH_LOG_LEVEL", "choice", LOG_LEVELS, if_bad="WARNING", if_bad_words="using WARNING"),
+    Option("report_at_exit", "FL_PATCH_REPORT", "bool", if_bad=False, if_bad_words="no report at exit"),
+    Option("profile", "FL_PATCH_PROFILE", "path"),
+)
+BY_KEY = {option.key: option for option in OPTIONS}
+
+# variable -> (its alias, how to read the alias's value into the variable's meaning)
+ALIASES = {
+    "FL_PATCH_AUTO": ("LIGHTX2V_FL_AUTO_REGISTER", lambda v: v),
+    "FL_PATCH_GEMS_GLOBAL": ("LIGHTX2V_FL_GLOBAL_GEMS", lambda v: v),
+    "FL_PATCH_GEMS_UNUSED": ("LIGHTX2V_FL_GEMS_UNUSED", lambda v: v),
+    # DISABLE_FLAGCX=1 means native; 0 means "not disabled", i.e. auto.
+    "FL_PATCH_DIST": (
+        "LIGHTX2V_FL_DISABLE_FLAGCX",
+        lambda v: "native" if parse_bool("LIGHTX2V_FL_DISABLE_FLAGCX", v) else "auto",
+    ),
+}
 
 
 def parse_bool(name: str, value: str) -> bool:
@@ -58,8 +103,7 @@ def parse_bool(name: str, value: str) -> bool:
         return True
     if word in FALSE_WORDS:
         return False
-    accepted = ", ".join(w for pair in zip(TRUE_WORDS, FALSE_WORDS, strict=True) for w in pair)
-    raise SettingsError(f"{name}={value!r} is not a boolean; accepted: {accepted}")
+    raise SettingsError(f"{name}={value!r} is not a boolean; accepted: {BOOL_WORDS}")
 
 
 def parse_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
@@ -71,9 +115,15 @@ def parse_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     raise SettingsError(f"{name}={value!r} is not accepted; accepted: {', '.join(choices)}")
 
 
-def parse_list(name: str, value: str | Iterable[str]) -> tuple[str, ...]:
-    """Read a comma list (or an iterable of names) into a tuple of stripped, non-empty names."""
-    items = value.split(",") if isinstance(value, str) else list(value)
+def parse_list(name: str, value) -> tuple[str, ...]:
+    """Read a comma list, or a list / tuple / set of names, into a tuple of stripped, non-empty names."""
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        items = list(value)
+    else:
+        raise SettingsError(f"{name}={value!r} is not a list of names; give a list of strings or a comma string"
+                            " such as 'attention,rope'")
     names = []
     for item in items:
         if not isinstance(item, str):
@@ -83,57 +133,94 @@ def parse_list(name: str, value: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _env_value(env: Mapping[str, str], name: str) -> str | None:
-    """The value of `name`, or of its LIGHTX2V_FL_* alias translated to this variable's meaning."""
+def parse_path(name: str, value) -> str | None:
+    """``off``, or a path (``~`` expanded); an empty value is None (not set)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise SettingsError(f"{name}={value!r} is not accepted; accepted: a file or folder path, or 'off'")
+    text = os.fspath(value).strip()
+    if not text:
+        return None
+    return PROFILE_OFF if text.lower() == PROFILE_OFF else os.path.expanduser(text)
+
+
+def _parse(option: Option, name: str, value):
+    """`value` (a string from the environment, or an explicit argument of any type) read as `option`."""
+    if option.kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            return parse_bool(name, value)
+        raise SettingsError(f"{name}={value!r} is not a boolean; pass True or False")
+    if option.kind == "choice":
+        if isinstance(value, str):
+            return parse_choice(name, value.upper() if option.key == "log_level" else value, option.choices)
+        raise SettingsError(f"{name}={value!r} is not accepted; accepted: {', '.join(option.choices)}")
+    if option.kind == "list":
+        return parse_list(name, value)
+    return parse_path(name, value)
+
+
+def _env_value(env: Mapping[str, str], name: str) -> tuple[str, str] | None:
+    """(variable actually set, its value read in `name`'s meaning), or None when neither is set."""
     if name in env:
-        return env[name]
+        return name, env[name]
     alias = ALIASES.get(name)
     if alias and alias[0] in env:
-        return alias[1](env[alias[0]])
+        return alias[0], alias[1](env[alias[0]])
     return None
+
+
+def _build(env: Mapping[str, str], explicit: dict, problems: list[str] | None) -> Settings:
+    """Settings from `explicit` (None = not given), then `env`, then defaults. A bad explicit value always raises;
+    a bad environment value raises when `problems` is None, else is replaced by its option's safe value and
+    described in `problems`."""
+    unknown = set(explicit) - set(BY_KEY)
+    if unknown:
+        raise SettingsError(f"unknown setting(s) {sorted(unknown)}; accepted: {', '.join(sorted(BY_KEY))}")
+    values = {}
+    for option in OPTIONS:
+        given = explicit.get(option.key)
+        if given is not None:
+            values[option.key] = _parse(option, option.key, given)
+            continue
+        try:
+            found = _env_value(env, option.variable)
+            if found is None or found[1].strip() == "":
+                continue
+            values[option.key] = _parse(option, found[0], found[1])
+        except SettingsError as exc:
+            if problems is None:
+                raise
+            problems.append(f"{exc}; ignored: {option.if_bad_words}")
+            if option.if_bad is not None:
+                values[option.key] = option.if_bad
+    settings = Settings(**{key: value for key, value in values.items() if value is not None})
+    return replace(settings, kernels_explicit="kernels" in values)
 
 
 def load(env: Mapping[str, str] | None = None, **explicit) -> Settings:
     """Build Settings from explicit keyword arguments, then `env` (default os.environ), then defaults.
 
-    Explicit arguments that are None count as not given. Unknown keywords raise SettingsError listing the
-    accepted ones.
+    Explicit arguments that are None count as not given. Any bad value, and any unknown keyword, raises
+    SettingsError naming it and what is accepted.
     """
+    return _build(os.environ if env is None else env, explicit, None)
+
+
+def load_lenient(env: Mapping[str, str] | None = None) -> tuple[Settings, list[str]]:
+    """Settings from the environment, and a message for every value that was replaced by its safe value."""
+    problems: list[str] = []
+    settings = _build(os.environ if env is None else env, {}, problems)
+    return settings, problems
+
+
+def load_at_startup(env: Mapping[str, str] | None = None) -> tuple[Settings, list[str]]:
+    """Settings from the environment for automatic activation: :func:`load_lenient`, except that with
+    FL_PATCH_STRICT=1 a bad value raises SettingsError."""
     env = os.environ if env is None else env
-    fields = {f for f in Settings.__dataclass_fields__ if f != "kernels_explicit"}
-    unknown = set(explicit) - fields
-    if unknown:
-        raise SettingsError(f"unknown setting(s) {sorted(unknown)}; accepted: {', '.join(sorted(fields))}")
-    given = {k: v for k, v in explicit.items() if v is not None}
-
-    def pick(key: str, var: str, parse):
-        if key in given:
-            value = given[key]
-            return parse(key, value) if isinstance(value, str) else value
-        raw = _env_value(env, var)
-        return None if raw is None or raw.strip() == "" else parse(var, raw)
-
-    values = {
-        "enabled": pick("enabled", "FL_PATCH", parse_bool),
-        "auto": pick("auto", "FL_PATCH_AUTO", parse_bool),
-        "include": pick("include", "FL_PATCH_INCLUDE", parse_list),
-        "exclude": pick("exclude", "FL_PATCH_EXCLUDE", parse_list),
-        "kernels": pick("kernels", "FL_PATCH_KERNELS", lambda n, v: parse_choice(n, v, KERNEL_PROVIDERS)),
-        "gems_global": pick("gems_global", "FL_PATCH_GEMS_GLOBAL", parse_bool),
-        "gems_unused": pick("gems_unused", "FL_PATCH_GEMS_UNUSED", parse_list),
-        "dist": pick("dist", "FL_PATCH_DIST", lambda n, v: parse_choice(n, v, DIST_MODES)),
-        "strict": pick("strict", "FL_PATCH_STRICT", parse_bool),
-        "log_level": pick("log_level", "FL_PATCH_LOG_LEVEL", lambda n, v: parse_choice(n, v.upper(), LOG_LEVELS)),
-        "report_at_exit": pick("report_at_exit", "FL_PATCH_REPORT", parse_bool),
-    }
-    for key in ("include", "exclude", "gems_unused"):
-        if key in given and values[key] is not None:
-            values[key] = parse_list(key, values[key])
-    for key in ("enabled", "auto", "gems_global", "strict", "report_at_exit"):
-        if values[key] is not None and not isinstance(values[key], bool):
-            raise SettingsError(f"{key}={values[key]!r} is not a boolean; pass True or False")
-    settings = Settings(**{k: v for k, v in values.items() if v is not None})
-    return replace(settings, kernels_explicit=values["kernels"] is not None)
+    if strict_from_env(env):
+        return load(env), []
+    return load_lenient(env)
 
 
 def strict_from_env(env: Mapping[str, str] | None = None) -> bool:

@@ -100,14 +100,34 @@ class Registry:
         """Every name include/exclude accept: the families, then the target names."""
         return list(FAMILIES) + sorted(self.targets)
 
+    def unknown_names(self, names: Iterable[str]) -> list[str]:
+        """The names that are neither a family nor a target, in the order given."""
+        valid = set(self.valid_names())
+        return [name for name in names if name not in valid]
+
+    def unknown_name_message(self, setting: str, name: str) -> str:
+        """What is wrong with `name` and what `setting` accepts: the closest names first, then the families,
+        then where to see every target name."""
+        close = difflib.get_close_matches(name, self.valid_names(), n=3, cutoff=0.5)
+        hint = f" Closest: {', '.join(repr(c) for c in close)}." if close else ""
+        return (f"{setting}: unknown name {name!r}.{hint} Accepted: a family ({', '.join(FAMILIES)}) or one of"
+                f" {len(self.targets)} target names, which `fl-patch status` lists.")
+
     def check_names(self, setting: str, names: Iterable[str]) -> None:
         """Raise UnknownNameError for the first name that is neither a family nor a target."""
-        valid = self.valid_names()
-        for name in names:
-            if name not in valid:
-                close = difflib.get_close_matches(name, valid, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise UnknownNameError(f"{setting}: unknown name {name!r}{hint} Accepted: {', '.join(valid)}")
+        unknown = self.unknown_names(names)
+        if unknown:
+            raise UnknownNameError(self.unknown_name_message(setting, unknown[0]))
+
+    def fully_excluded(self, include: Iterable[str], exclude: Iterable[str]) -> list[str]:
+        """The include names every row of which the exclude list removes again (so naming them selects nothing)."""
+        excluded = set(exclude)
+        clashes = []
+        for name in include:
+            rows = [t for t in self.targets.values() if name in (t.name, t.family)]
+            if rows and all({t.name, t.family} & excluded for t in rows):
+                clashes.append(name)
+        return clashes
 
     def select(self, include: tuple[str, ...], exclude: tuple[str, ...]) -> tuple[list[Target], list[Target]]:
         """Split rows into (selected, excluded) by include (empty = every row) and exclude lists."""

@@ -10,23 +10,32 @@ import sys
 
 
 def _start_fl_patch():
-    value = os.environ.get("FL_PATCH", "1").strip().lower()
-    if value in ("0", "false", "no", "off"):
+    if os.environ.get("FL_PATCH", "1").strip().lower() in ("0", "false", "no", "off"):
         return
-    if value not in ("", "1", "true", "yes", "on"):
-        # Carry on (enabled) but say so at once: a typo here should not go unnoticed.
-        import warnings
-
-        warnings.warn(
-            f"FL_PATCH={os.environ['FL_PATCH']!r} is not a boolean; accepted: 1, 0, true, false, yes, no, on, off"
-            " (fl_patch stays enabled)", RuntimeWarning, stacklevel=2)
+    # Any other value activates; one fl_patch can't read is warned about once, when activation happens.
     try:
         import fl_patch._bootstrap as bootstrap
-    except ImportError:
-        # Used from a checkout without installing: the package sits beside this directory.
-        sys.path.append(os.path.dirname(_here))
-        import fl_patch._bootstrap as bootstrap
+    except ImportError as exc:
+        if not (exc.name or "").startswith("fl_patch"):
+            raise
+        bootstrap = _import_from_checkout()
     bootstrap.activate("sitecustomize")
+
+
+def _import_from_checkout():
+    # Used from a checkout without installing: import the package beside this directory by its path. Putting the
+    # checkout's root on sys.path instead would make its tests/, examples/ and benchmarks/ importable everywhere.
+    import importlib.util
+
+    package = os.path.join(os.path.dirname(_here), "fl_patch")
+    spec = importlib.util.spec_from_file_location(
+        "fl_patch", os.path.join(package, "__init__.py"), submodule_search_locations=[package])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["fl_patch"] = module
+    spec.loader.exec_module(module)
+    import fl_patch._bootstrap as bootstrap
+
+    return bootstrap
 
 
 def _run_next_sitecustomize():

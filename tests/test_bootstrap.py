@@ -1,8 +1,11 @@
 """The zero-code bootstrap and `import fl_patch`, each in a fresh interpreter."""
 
 import json
+import os
 import sys
 import textwrap
+
+import pytest
 
 from conftest import REPO, run_python
 
@@ -113,28 +116,81 @@ def test_fl_patch_run_sets_the_bootstrap_for_the_command():
     assert last_json(run_python(code, env=REFERENCE, bootstrap=False)) is True
 
 
-def test_bad_master_switch_warns_and_carries_on():
+def test_bad_master_switch_warns_once_naming_the_bootstrap_and_carries_on():
     result = run_python(f"import json, torch; print(json.dumps({PATCHED}))", env={"FL_PATCH": "maybe", **REFERENCE})
     assert last_json(result) is True
-    assert "FL_PATCH='maybe' is not a boolean; accepted: 1, 0, true" in result.stderr
+    assert result.stderr.count("FL_PATCH='maybe' is not a boolean; accepted: 1, 0, true") == 1
+    assert result.stderr.startswith("fl_patch (sitecustomize): FL_PATCH='maybe'")
+    # no second message from `import fl_patch`, no file name and source line of a warnings.warn
+    assert "(import fl_patch)" not in result.stderr and "_bootstrap.py" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_bad_exclude_name_warns_in_the_bootstrap_and_raises_in_strict_mode():
+def test_bad_master_switch_is_an_error_in_strict_mode():
+    strict = run_python("import torch", env={"FL_PATCH": "maybe", "FL_PATCH_STRICT": "1", **REFERENCE})
+    assert strict.returncode != 0 and "FL_PATCH='maybe' is not a boolean" in strict.stderr
+
+
+def test_a_bad_value_is_ignored_and_said_while_the_rest_of_the_settings_work():
+    env = {"FL_PATCH_DIST": "xyz", "FL_PATCH_INCLUDE": "rms_norm,linear,rms_nrom", "FL_PATCH_EXCLUDE": "linear",
+           **REFERENCE}
+    code = "import json, torch, fl_patch; print(json.dumps({r['target']: r['state'] for r in fl_patch.report()}))"
+    result = run_python(code, env=env)
+    states = last_json(result)
+    assert states["torch.rms_norm"] == "patched" and states["torch.linear"] == "excluded"
+    assert states["torch.distributed.flagcx"] == "excluded"  # not included
+    assert "FL_PATCH_DIST='xyz' is not accepted; accepted: auto, flagcx, native; ignored:" in result.stderr
+    assert "unknown name 'rms_nrom'. Closest: 'rms_norm'" in result.stderr and "Ignored." in result.stderr
+    assert "'linear' is both included" in result.stderr and "exclude wins" in result.stderr
+    assert "did not activate" not in result.stderr
+
+
+def test_bad_exclude_name_leaves_fl_patch_off_with_one_message_and_raises_in_strict_mode():
     env = {"FL_PATCH_EXCLUDE": "rms_nrom", **REFERENCE}
     result = run_python(f"import json, torch; print(json.dumps({PATCHED}))", env=env)
     assert last_json(result) is False
-    assert "unknown name 'rms_nrom'; did you mean 'rms_norm'?" in result.stderr
+    assert result.stderr.startswith("fl_patch (sitecustomize): did not activate (bad setting): FL_PATCH_EXCLUDE")
+    assert "unknown name 'rms_nrom'. Closest: 'rms_norm'" in result.stderr
     strict = run_python("import torch", env={**env, "FL_PATCH_STRICT": "1"})
-    assert strict.returncode != 0 and "did you mean 'rms_norm'" in strict.stderr
+    assert strict.returncode != 0 and "unknown name 'rms_nrom'" in strict.stderr
 
 
-def test_report_at_exit_is_printed_by_rank_zero_only():
+def test_a_gems_unused_typo_is_said_when_torch_is_imported_even_with_the_override_off():
+    env = {"FL_PATCH_GEMS_UNUSED": "softmax,notanop", **REFERENCE}
+    result = run_python("import torch", env=env)
+    assert result.returncode == 0 and "'notanop' is neither a FlagGems function nor an aten op" in result.stderr
+    strict = run_python("import torch", env={**env, "FL_PATCH_STRICT": "1"})
+    assert strict.returncode != 0 and "'notanop' is neither" in strict.stderr
+    assert run_python("import torch", env={"FL_PATCH_GEMS_UNUSED": "softmax,mean_dim", **REFERENCE}).stderr == ""
+
+
+def test_report_at_exit_goes_to_stderr_from_rank_zero_only():
     env = {"FL_PATCH_REPORT": "1", **REFERENCE}
-    rank0 = run_python("import torch", env=env)
-    assert rank0.returncode == 0 and "fl_patch report" in rank0.stdout
-    assert "torch.nn.functional.rms_norm" in rank0.stdout
+    rank0 = run_python("import json, torch; print(json.dumps({'ok': 1}))", env=env)
+    assert json.loads(rank0.stdout) == {"ok": 1}  # piped output stays the program's own
+    assert "fl_patch report" in rank0.stderr and "torch.nn.functional.rms_norm" in rank0.stderr
     rank1 = run_python("import torch", env={**env, "RANK": "1"})
-    assert rank1.returncode == 0 and "fl_patch report" not in rank1.stdout
+    assert rank1.returncode == 0 and "fl_patch report" not in rank1.stderr + rank1.stdout
+
+
+def test_the_bootstrap_used_from_a_checkout_adds_only_the_package(tmp_path):
+    """An interpreter where fl_patch is not installed (the venv's base Python): the bootstrap imports the package
+    from the checkout by its path, and the checkout's tests/ and benchmarks/ do not become importable."""
+    import subprocess
+
+    base_python = getattr(sys, "_base_executable", None)
+    if not base_python or base_python == sys.executable:
+        pytest.skip("no base interpreter without fl_patch installed")
+    code = ("import importlib.util, json, sys; import fl_patch, fl_patch._bootstrap as b; print(json.dumps(["
+            "fl_patch.__file__, b.installed(), importlib.util.find_spec('tests') is None,"
+            f" {str(REPO)!r} in sys.path]))")
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(REPO / "sitecustomize")}
+    result = subprocess.run([base_python, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    package_file, waiting, no_tests, root_on_path = json.loads(result.stdout)
+    assert package_file == str(REPO / "fl_patch" / "__init__.py") and waiting
+    assert no_tests and not root_on_path
 
 
 def test_status_command_lists_targets_and_environment():

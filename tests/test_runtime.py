@@ -9,7 +9,7 @@ import pytest
 
 import fl_patch
 from fl_patch import ledger, runtime, settings
-from fl_patch.errors import DuplicateTargetError, PatchError, UnknownNameError
+from fl_patch.errors import DuplicateTargetError, PatchError, SettingsError, UnknownNameError
 from fl_patch.table import Registry, Target
 
 CALLS = []  # (module name) per factory run
@@ -150,7 +150,11 @@ def test_unknown_names_list_the_valid_ones_and_the_closest():
     with pytest.raises(UnknownNameError) as error:
         fl_patch.apply(exclude=["rms_nrom"])
     message = str(error.value)
-    assert "'rms_nrom'" in message and "did you mean 'rms_norm'" in message and "attention" in message
+    # the closest names first, then the families, then where the rest are listed (not 30 names run together)
+    assert message.startswith("FL_PATCH_EXCLUDE / exclude: unknown name 'rms_nrom'. Closest: 'rms_norm'")
+    families = message.index("a family (attention, rms_norm, rope, linear")
+    assert message.index("Closest") < families < message.index("`fl-patch status` lists")
+    assert "torch.linear" not in message
     assert not fl_patch.is_active()
 
 
@@ -343,3 +347,32 @@ def test_changes_of_a_factory_that_outlives_its_apply_are_refused(fakelib):
     assert fakelib.ops.op(1) == 2
     assert results == ["fl_patch was reverted or re-applied while this row was patching"]
     assert not [r for r in fl_patch.report() if r["where"] == "fakelib.ops.op"]
+
+
+def test_a_name_both_included_and_excluded_is_refused():
+    with pytest.raises(SettingsError, match="'rms_norm' is both included .* and excluded"):
+        fl_patch.apply(include=["rms_norm"], exclude=["rms_norm"], kernels="reference")
+    with pytest.raises(SettingsError, match="'torch.rms_norm' is both included .* and excluded"):
+        fl_patch.apply(include=["torch.rms_norm", "rope"], exclude=["rms_norm"], kernels="reference")
+    assert not fl_patch.is_active()
+    fl_patch.apply(include=["rms_norm"], exclude=["torch.rms_norm"], kernels="reference")  # a part of it: fine
+    assert fl_patch.is_active()
+
+
+def test_at_startup_a_clash_and_an_unknown_include_name_are_dropped_and_said():
+    import torch  # noqa: F401  (the torch rows patch at once)
+
+    s = settings.load(env={}, include="rms_norm,linear,rms_nrom", exclude="rms_norm", kernels="reference")
+    problems = runtime.apply(s, lenient=True)
+    assert problems[0].startswith("FL_PATCH_INCLUDE / include: unknown name 'rms_nrom'. Closest: 'rms_norm'")
+    assert problems[0].endswith("Ignored.")
+    assert problems[1] == ("'rms_norm' is both included (FL_PATCH_INCLUDE / include) and excluded (FL_PATCH_EXCLUDE"
+                           " / exclude), which selects none of it: exclude wins, it is not patched")
+    states = {r["target"]: r["state"] for r in fl_patch.report()}
+    assert states["torch.linear"] == "patched" and states["torch.rms_norm"] == "excluded"
+
+
+def test_at_startup_an_include_list_with_no_known_name_patches_nothing():
+    with pytest.raises(SettingsError, match="no name is known"):
+        runtime.apply(settings.load(env={}, include="rms_nrom"), lenient=True)
+    assert not fl_patch.is_active()

@@ -67,3 +67,50 @@ def test_settings_are_frozen():
     s = settings.load(env={})
     with pytest.raises(AttributeError):
         s.kernels = "reference"
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"kernels": 3}, "kernels=3 is not accepted; accepted: gems, reference"),
+        ({"kernels": ["reference"]}, "kernels=['reference'] is not accepted; accepted: gems, reference"),
+        ({"dist": False}, "dist=False is not accepted; accepted: auto, flagcx, native"),
+        ({"dist": 0}, "dist=0 is not accepted; accepted: auto, flagcx, native"),
+        ({"include": 5}, "include=5 is not a list of names"),
+        ({"gems_unused": 3}, "gems_unused=3 is not a list of names"),
+        ({"exclude": b"attention"}, "exclude=b'attention' is not a list of names"),
+        ({"strict": 1}, "strict=1 is not a boolean; pass True or False"),
+        ({"profile": 7}, "profile=7 is not accepted; accepted: a file or folder path, or 'off'"),
+    ],
+)
+def test_explicit_arguments_of_any_type_are_validated_like_the_environment(arguments, message):
+    with pytest.raises(SettingsError) as error:
+        settings.load(env={}, **arguments)
+    assert message in str(error.value)
+
+
+def test_at_startup_a_bad_value_is_replaced_by_its_safe_value_and_said():
+    env = {"FL_PATCH_DIST": "xyz", "FL_PATCH_KERNELS": "triton", "FL_PATCH_EXCLUDE": "rope"}
+    s, problems = settings.load_at_startup(env)
+    assert (s.dist, s.kernels, s.exclude) == ("native", "gems", ("rope",))
+    assert problems == [
+        "FL_PATCH_KERNELS='triton' is not accepted; accepted: gems, reference; ignored: using the default, gems",
+        "FL_PATCH_DIST='xyz' is not accepted; accepted: auto, flagcx, native; ignored: FlagCX is not made the "
+        "default backend (as with native)",
+    ]
+
+
+def test_at_startup_strict_mode_makes_a_bad_value_an_error():
+    with pytest.raises(SettingsError, match="FL_PATCH='maybe' is not a boolean"):
+        settings.load_at_startup({"FL_PATCH": "maybe", "FL_PATCH_STRICT": "1"})
+    s, problems = settings.load_at_startup({"FL_PATCH": "maybe"})
+    assert s.enabled and problems == [
+        "FL_PATCH='maybe' is not a boolean; accepted: 1, 0, true, false, yes, no, on, off; ignored: fl_patch stays "
+        "enabled"]
+
+
+def test_profile_setting():
+    assert settings.load(env={}).profile is None
+    assert settings.load(env={"FL_PATCH_PROFILE": " OFF "}).profile == "off"
+    assert settings.load(env={"FL_PATCH_PROFILE": "~/p.json"}).profile.endswith("/p.json")
+    assert "~" not in settings.load(env={}, profile="~/p.json").profile

@@ -611,7 +611,7 @@ def test_zero_code_bootstrap_generates_the_same_tokens():
     patched_tokens = json.loads(next(line for line in patched.stdout.splitlines() if line.startswith("[[")))
     assert patched_tokens == json.loads(unpatched.stdout.strip().splitlines()[-1])
     assert all(len(tokens) == 10 for tokens in patched_tokens)
-    report = patched.stdout
+    report = patched.stderr  # the report at exit goes to stderr, away from the program's output
     for place in ("modeling_llama.LlamaRMSNorm.forward", "modeling_qwen3.apply_rotary_pos_emb",
                   "modeling_qwen3.Qwen3MLP.forward", "AttentionInterface['sdpa']"):
         line = next(line for line in report.splitlines() if line.rstrip().endswith(place))

@@ -63,9 +63,17 @@ TARGETS = [
 
 
 def enable_globally(torch_module, ctx) -> None:
-    """Run ``flag_gems.enable`` into a Library of ours (destroyed on revert) and report what it owns."""
+    """Run ``flag_gems.enable`` into a Library of ours (destroyed on revert) and report what it owns.
+
+    With the override off, the exclude list is still checked against aten's op names, so that a typo is said when
+    torch is imported (a warning, an error in strict mode); with it on, FlagGems' own table checks every name."""
     if not ctx.settings.gems_global:
-        raise Skip("FL_PATCH_GEMS_GLOBAL is off")
+        problem = unused_names_problem(ctx.settings.gems_unused, torch_module)
+        if problem and ctx.settings.strict:
+            raise UnknownNameError(problem)
+        if problem:
+            log.warning("fl_patch: %s", problem)
+        raise Skip("FL_PATCH_GEMS_GLOBAL is off" + (f"; {problem}" if problem else ""))
     from fl_patch.kernels import gems
 
     _select_local_device(torch_module)
@@ -137,6 +145,38 @@ def resolve_unused(names, table: dict[str, str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(resolved))
 
 
+# FlagGems 5.0.2 functions not named after the aten op they override (the others are: ``mean_dim`` for
+# ``mean.dim``, ``to_copy`` for ``_to_copy``, ``vector_norm`` for ``linalg_vector_norm``).
+NOT_NAMED_AFTER_ATEN = ("group_mm", "scaled_softmax_backward", "scaled_softmax_forward")
+
+
+def unused_names_problem(names, torch_module) -> str | None:
+    """Without FlagGems: what is wrong with the first name of the exclude list that can't be a FlagGems function
+    or an aten op name, or None. A name can be one when it is an aten op (any overload), is named after one
+    (the op's name, with or without its leading underscore or ``linalg_``, then ``_`` and anything), or is one
+    of NOT_NAMED_AFTER_ATEN. FlagGems' own table, read once it loads, is the exact check."""
+    if not names:
+        return None
+    ops = {name.split("::", 1)[1].split(".")[0] for name in torch_module._C._dispatch_get_all_op_names()
+           if name.startswith("aten::")}
+    ops |= {op.lstrip("_") for op in ops} | {op.removeprefix("linalg_") for op in ops}
+    for name in names:
+        op = name.removeprefix("aten::").removesuffix(".default").split(".")[0]
+        if name in (DEFAULT_TOKEN, NONE_TOKEN, *NOT_NAMED_AFTER_ATEN) or op in ops:
+            continue
+        if not any(op.startswith(known + "_") for known in ops):
+            return _unknown_message(name, op, sorted(ops))
+    return None
+
+
+def _unknown_message(name: str, op: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(op, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return (f"{SETTING}: {name!r} is neither a FlagGems function nor an aten op FlagGems overrides{hint} Accepted:"
+            " FlagGems function names ('layer_norm', 'true_divide'), aten op names ('native_layer_norm',"
+            f" 'div.Tensor', 'div'), {DEFAULT_TOKEN!r} for fl_patch's default list, or {NONE_TOKEN!r}")
+
+
 def _functions_for(name: str, table: dict[str, str], functions: set[str]) -> list[str]:
     op = name.removeprefix("aten::").removesuffix(".default")
     if op in functions:
@@ -146,13 +186,7 @@ def _functions_for(name: str, table: dict[str, str], functions: set[str]) -> lis
     overloads = [function for key, function in table.items() if key.split(".")[0] == op]
     if overloads:
         return list(dict.fromkeys(overloads))
-    close = difflib.get_close_matches(op, sorted(functions | set(table)), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise UnknownNameError(
-        f"{SETTING}: {name!r} is neither a FlagGems function nor an aten op FlagGems overrides{hint} Accepted:"
-        " FlagGems function names ('layer_norm', 'true_divide'), aten op names ('native_layer_norm',"
-        f" 'div.Tensor', 'div'), {DEFAULT_TOKEN!r} for fl_patch's default list, or {NONE_TOKEN!r}"
-    )
+    raise UnknownNameError(_unknown_message(name, op, sorted(functions | set(table))))
 
 
 def recording_library(torch_module):

@@ -39,7 +39,7 @@ import weakref
 from collections.abc import Callable
 
 from fl_patch.replacements import kernel_pair, like
-from fl_patch.runtime import Skip
+from fl_patch.runtime import Skip, kernel_failed
 from fl_patch.table import Target
 
 log = logging.getLogger("fl_patch")
@@ -348,12 +348,15 @@ def _varlen_apply(form: str, original: Callable, rec, provider: str) -> Callable
             reason = "no max_seqlen_q"
         else:
             reason = unsupported(provider, inputs[0], inputs[1], inputs[2], causal, scale)
-        if reason is not None:
-            rec.fallback(reason)
-            return original(self, q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, **kwargs)
-        q3, k3, v3, cu_q, cu_kv, max_q, max_kv, batch = inputs
-        out = kernel(q3, k3, v3, cu_q, cu_kv, max_q, max_kv, causal, scale)
-        return out.reshape(batch * (max_q if max_seqlen_q is None else max_seqlen_q), -1)
+        if reason is None:
+            q3, k3, v3, cu_q, cu_kv, max_q, max_kv, batch = inputs
+            try:
+                out = kernel(q3, k3, v3, cu_q, cu_kv, max_q, max_kv, causal, scale)
+                return out.reshape(batch * (max_q if max_seqlen_q is None else max_seqlen_q), -1)
+            except Exception as exc:
+                reason = kernel_failed(rec, exc)
+        rec.fallback(reason)
+        return original(self, q, k, v, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q, max_seqlen_kv, **kwargs)
 
     return _replacement(apply, original)
 
@@ -398,12 +401,15 @@ def _sdpa_apply(original: Callable, rec, provider: str) -> Callable:
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(query.dtype)
         reason = unsupported(provider, query, key, value, mask, drop_rate, causal, None, False)
-        if reason is not None:
-            rec.fallback(reason)
-            return original(self, q, k, v, drop_rate, attn_mask, causal, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q,
-                            max_seqlen_kv, **kwargs)
-        x = kernel(query, key, value, mask, drop_rate, causal, None, False).transpose(1, 2)
-        return x.reshape(x.shape[0], x.shape[1], -1).squeeze(0)
+        if reason is None:
+            try:
+                x = kernel(query, key, value, mask, drop_rate, causal, None, False).transpose(1, 2)
+                return x.reshape(x.shape[0], x.shape[1], -1).squeeze(0)
+            except Exception as exc:
+                reason = kernel_failed(rec, exc)
+        rec.fallback(reason)
+        return original(self, q, k, v, drop_rate, attn_mask, causal, cu_seqlens_q, cu_seqlens_kv, max_seqlen_q,
+                        max_seqlen_kv, **kwargs)
 
     return _replacement(apply, original)
 
@@ -515,14 +521,20 @@ def _rms_apply(form: str, cls: type, original: Callable, rec, provider: str) -> 
         elif form in _HF_FORMS or (form == "fp32_variance" and weight.dtype in half and weight.dtype == x.dtype):
             reason = hf_unsupported(provider, x, weight)
             if reason is None:
-                return hf(x, weight, self.eps)
+                try:
+                    return hf(x, weight, self.eps)
+                except Exception as exc:
+                    reason = kernel_failed(rec, exc)
         elif form == "fp32_variance" and weight.dtype != torch.float32:
             reason = "mixed dtypes" if weight.dtype in half else "weight dtype"
         else:
             shape = (x.shape[-1],)
             reason = fused_unsupported(provider, x, shape, weight)
             if reason is None:
-                return fused(x, shape, weight, self.eps)
+                try:
+                    return fused(x, shape, weight, self.eps)
+                except Exception as exc:
+                    reason = kernel_failed(rec, exc)
         rec.fallback(reason)
         return original(self, x)
 
@@ -586,7 +598,10 @@ def _layer_norm_apply(form: str, original: Callable, rec, provider: str) -> Call
             shape = (input_tensor.shape[-1],)
             reason = unsupported(provider, input_tensor, shape, weight, bias)
             if reason is None:
-                return kernel(input_tensor, shape, weight, bias, self.eps)
+                try:
+                    return kernel(input_tensor, shape, weight, bias, self.eps)
+                except Exception as exc:
+                    reason = kernel_failed(rec, exc)
         rec.fallback(reason)
         return original(self, input_tensor)
 
@@ -640,7 +655,10 @@ def _torch_rope_apply(cls: type, original: Callable, rec, provider: str) -> Call
         else:
             reason = unsupported(provider, q, k, freqs)
             if reason is None:
-                return kernel(q, k, freqs)
+                try:
+                    return kernel(q, k, freqs)
+                except Exception as exc:
+                    reason = kernel_failed(rec, exc)
         rec.fallback(reason)
         return original(self, q, k, freqs, **kwargs)
 
@@ -716,18 +734,22 @@ def _flashinfer_apply(cls: type, original: Callable, rec, provider: str) -> Call
         else:
             freqs_cis = _complex_rows(freqs, positions, q3.shape[0])
             reason = unsupported(provider, q3, k3, freqs_cis)
-        if reason is not None:
-            rec.fallback(reason)
-            return original(self, q, k, freqs, positions, **kwargs)
-        length, head_dim = q3.shape[0], q3.shape[-1]
-        query = q3.reshape(length, -1).contiguous()
-        key = k3.reshape(length, -1).contiguous()
-        query_heads, key_heads = query.view(length, -1, head_dim), key.view(length, -1, head_dim)
-        q_rot, k_rot = kernel(query_heads, key_heads, freqs_cis)
-        query_heads.copy_(q_rot)
-        key_heads.copy_(k_rot)
-        q_out, k_out = query.view_as(q3), key.view_as(k3)
-        return (q_out.unsqueeze(0), k_out.unsqueeze(0)) if squeeze else (q_out, k_out)
+        if reason is None:
+            length, head_dim = q3.shape[0], q3.shape[-1]
+            query = q3.reshape(length, -1).contiguous()
+            key = k3.reshape(length, -1).contiguous()
+            query_heads, key_heads = query.view(length, -1, head_dim), key.view(length, -1, head_dim)
+            try:
+                q_rot, k_rot = kernel(query_heads, key_heads, freqs_cis)
+            except Exception as exc:  # nothing written yet: the original gets q and k as they came
+                reason = kernel_failed(rec, exc)
+            else:
+                query_heads.copy_(q_rot)
+                key_heads.copy_(k_rot)
+                q_out, k_out = query.view_as(q3), key.view_as(k3)
+                return (q_out.unsqueeze(0), k_out.unsqueeze(0)) if squeeze else (q_out, k_out)
+        rec.fallback(reason)
+        return original(self, q, k, freqs, positions, **kwargs)
 
     return _replacement(apply, original)
 
@@ -770,11 +792,14 @@ def _mm_apply(original: Callable, rec, provider: str) -> Callable:
             weight = self._get_actual_weight()
             bias = self._get_actual_bias() if getattr(self, "bias", None) is not None else None
             reason = unsupported(provider, input_tensor, weight, bias)
-        if reason is not None:
-            rec.fallback(reason)
-            return original(self, input_tensor)
-        output = kernel(input_tensor, weight, bias)
-        return output + self.apply_lora(input_tensor) if self.has_lora_branch else output
+        if reason is None:
+            try:
+                output = kernel(input_tensor, weight, bias)
+                return output + self.apply_lora(input_tensor) if self.has_lora_branch else output
+            except Exception as exc:
+                reason = kernel_failed(rec, exc)
+        rec.fallback(reason)
+        return original(self, input_tensor)
 
     return _replacement(apply, original)
 

@@ -21,7 +21,7 @@ other replacement.
 from __future__ import annotations
 
 from fl_patch.replacements import kernel_pair, like
-from fl_patch.runtime import Skip
+from fl_patch.runtime import Skip, kernel_failed
 from fl_patch.table import Target
 
 SUBCLASS = "tensor subclass"
@@ -63,10 +63,13 @@ def patch_rms_norm(torch_module, ctx) -> None:
 
     def rms_norm(input, normalized_shape, weight=None, eps=None):
         reason = unsupported(provider, input, normalized_shape, weight)
-        if reason is not None:
-            rec.fallback(reason)
-            return original(input, normalized_shape, weight, eps)
-        return kernel(input, normalized_shape, weight, eps)
+        if reason is None:
+            try:
+                return kernel(input, normalized_shape, weight, eps)
+            except Exception as exc:
+                reason = kernel_failed(rec, exc)
+        rec.fallback(reason)
+        return original(input, normalized_shape, weight, eps)
 
     ctx.setattr(rec, functional, "rms_norm", like(rms_norm, original))
 
@@ -88,10 +91,13 @@ def patch_layer_norm(torch_module, ctx) -> None:
             reason = SUBCLASS
         else:
             reason = unsupported(provider, input, normalized_shape, weight, bias)
-        if reason is not None:
-            rec.fallback(reason)
-            return original(input, normalized_shape, weight, bias, eps)
-        return kernel(input, normalized_shape, weight, bias, eps)
+        if reason is None:
+            try:
+                return kernel(input, normalized_shape, weight, bias, eps)
+            except Exception as exc:
+                reason = kernel_failed(rec, exc)
+        rec.fallback(reason)
+        return original(input, normalized_shape, weight, bias, eps)
 
     ctx.setattr(rec, functional, "layer_norm", like(layer_norm, original))
 
@@ -113,10 +119,13 @@ def patch_linear(torch_module, ctx) -> None:
             reason = SUBCLASS
         else:
             reason = unsupported(provider, input, weight, bias)
-        if reason is not None:
-            rec.fallback(reason)
-            return original(input, weight, bias)
-        return kernel(input, weight, bias)
+        if reason is None:
+            try:
+                return kernel(input, weight, bias)
+            except Exception as exc:
+                reason = kernel_failed(rec, exc)
+        rec.fallback(reason)
+        return original(input, weight, bias)
 
     ctx.setattr(rec, functional, "linear", like(linear, original))
 
@@ -142,12 +151,13 @@ def patch_sdpa(torch_module, ctx) -> None:
             reason = SUBCLASS
         else:
             reason = unsupported(provider, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
-        if reason is not None:
-            rec.fallback(reason)
-            return original(
-                query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
-            )
-        return kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if reason is None:
+            try:
+                return kernel(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+            except Exception as exc:
+                reason = kernel_failed(rec, exc)
+        rec.fallback(reason)
+        return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
 
     ctx.setattr(rec, functional, "scaled_dot_product_attention", like(scaled_dot_product_attention, original))
 

@@ -30,8 +30,9 @@ import types
 from collections.abc import Callable
 from typing import NamedTuple
 
-from fl_patch.kernels.gems import SMALL_INPUT
+from fl_patch.kernels.gems import NATIVE_ROUTES
 from fl_patch.replacements import kernel_pair, like
+from fl_patch.runtime import kernel_failed
 from fl_patch.table import Target
 
 MODELING = "transformers.models.*.modeling_*"
@@ -240,7 +241,8 @@ RMS_NORM_KERNELS = {
     "gated": ("gated", False, _weight),  # its own forward: _gated_rms_norm_forward
 }
 # The fallback reason of a small call that ran the form's torch path (``native_<form>``) rather than the original.
-SMALL_INPUT_NATIVE = SMALL_INPUT + " (torch rms_norm)"
+# How a call routed to torch's fused rms_norm instead of the kernel is counted, per routing reason.
+NATIVE_LABELS = {reason: f"{reason} (torch rms_norm)" for reason in NATIVE_ROUTES}
 
 ROTATE_HALF = """
 def rotate_half(x):
@@ -558,9 +560,12 @@ def _attention_function(ctx, rec, original: Callable) -> Callable:
             enable_gqa = query.shape[1] != k.shape[1]
             reason = unsupported(provider, query, k, v, attention_mask, dropout, is_causal, scaling, enable_gqa)
             if reason is None:
-                out = kernel(query, k, v, attn_mask=attention_mask, is_causal=is_causal, scale=scaling,
-                             enable_gqa=enable_gqa)
-                return out.transpose(1, 2).contiguous(), None
+                try:
+                    out = kernel(query, k, v, attn_mask=attention_mask, is_causal=is_causal, scale=scaling,
+                                 enable_gqa=enable_gqa)
+                    return out.transpose(1, 2).contiguous(), None
+                except Exception as exc:
+                    reason = kernel_failed(rec, exc)
         rec.fallback(reason)
         return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
@@ -652,20 +657,23 @@ def _causal_skip_under_compile(original):
 
 def _rms_norm_forward(kernel, unsupported, native, provider: str, original, rec, eps_name: str, cast_back: bool,
                      weight_of: Callable):
-    """`native` (or None): the form's torch path for calls too small for the kernel (``gems.SMALL_INPUT``);
-    `weight_of(module)`: the weight the kernel gets (None for unweighted forms)."""
+    """`native` (or None): the form's torch path for calls routed away from the kernel for speed
+    (``gems.NATIVE_ROUTES``); `weight_of(module)`: the weight the kernel gets (None for unweighted forms)."""
     def forward(self, hidden_states):
         weight = weight_of(self)
         reason = unsupported(provider, hidden_states, weight)
         if reason is None:
-            out = kernel(hidden_states, weight, getattr(self, eps_name))
-        elif reason == SMALL_INPUT and native is not None:
-            rec.fallback(SMALL_INPUT_NATIVE)
+            try:
+                out = kernel(hidden_states, weight, getattr(self, eps_name))
+                return out.to(hidden_states.dtype) if cast_back else out
+            except Exception as exc:
+                reason = kernel_failed(rec, exc)
+        elif native is not None and reason in NATIVE_ROUTES:
+            rec.fallback(NATIVE_LABELS[reason])
             out = native(hidden_states, weight, getattr(self, eps_name))
-        else:
-            rec.fallback(reason)
-            return original(self, hidden_states)
-        return out.to(hidden_states.dtype) if cast_back else out
+            return out.to(hidden_states.dtype) if cast_back else out
+        rec.fallback(reason)
+        return original(self, hidden_states)
 
     return like(forward, original)
 
@@ -680,9 +688,12 @@ def _gated_rms_norm_forward(kernel, unsupported, native, provider: str, original
         weight = self.weight
         reason = unsupported(provider, hidden_states, gate, weight)
         if reason is None:
-            return kernel(hidden_states, gate, weight, getattr(self, eps_name))
-        if reason == SMALL_INPUT:
-            rec.fallback(SMALL_INPUT_NATIVE)
+            try:
+                return kernel(hidden_states, gate, weight, getattr(self, eps_name))
+            except Exception as exc:
+                reason = kernel_failed(rec, exc)
+        elif reason in NATIVE_ROUTES:
+            rec.fallback(NATIVE_LABELS[reason])
             return native(hidden_states, gate, weight, getattr(self, eps_name))
         rec.fallback(reason)
         return original(self, hidden_states, gate)
@@ -711,11 +722,14 @@ def patch_rms_norm(module, ctx) -> None:
 def _rope_function(kernel, unsupported, provider: str, original, rec, cast_back: bool):
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         reason = unsupported(provider, q, k, cos, sin, unsqueeze_dim)
-        if reason is not None:
-            rec.fallback(reason)
-            return original(q, k, cos, sin, unsqueeze_dim)
-        q_embed, k_embed = kernel(q, k, cos, sin, unsqueeze_dim)
-        return (q_embed.to(q.dtype), k_embed.to(k.dtype)) if cast_back else (q_embed, k_embed)
+        if reason is None:
+            try:
+                q_embed, k_embed = kernel(q, k, cos, sin, unsqueeze_dim)
+                return (q_embed.to(q.dtype), k_embed.to(k.dtype)) if cast_back else (q_embed, k_embed)
+            except Exception as exc:
+                reason = kernel_failed(rec, exc)
+        rec.fallback(reason)
+        return original(q, k, cos, sin, unsqueeze_dim)
 
     return like(apply_rotary_pos_emb, original)
 
@@ -751,10 +765,13 @@ def _swiglu_forward(kernel, unsupported, provider: str, original, rec, silu_type
             return original(self, x)
         gate, up = self.gate_proj(x), self.up_proj(x)
         reason = unsupported(provider, gate, up)
-        if reason is not None:
-            rec.fallback(reason)
-            return self.down_proj(act_fn(gate) * up)
-        return self.down_proj(kernel(gate, up))
+        if reason is None:
+            try:
+                return self.down_proj(kernel(gate, up))
+            except Exception as exc:
+                reason = kernel_failed(rec, exc)
+        rec.fallback(reason)
+        return self.down_proj(act_fn(gate) * up)
 
     return like(forward, original)
 

@@ -34,7 +34,7 @@ def installed() -> str | None:
     try:
         spec = importlib.util.find_spec(MODULE_NAME)
     except (ImportError, ValueError) as exc:
-        return f"flag_gems lookup failed: {type(exc).__name__}: {_first_line(exc)}"
+        return f"flag_gems lookup failed: {type(exc).__name__}: {first_line(exc)}"
     if spec is None:
         return "flag_gems not installed"
     return None
@@ -64,10 +64,11 @@ def _import() -> None:
     try:
         _module = importlib.import_module(MODULE_NAME)
     except Exception as exc:  # any failure of a third-party import means "unavailable"
-        _load_error = f"import flag_gems failed: {type(exc).__name__}: {_first_line(exc)}"
+        _load_error = f"import flag_gems failed: {type(exc).__name__}: {first_line(exc)}"
 
 
-def _first_line(exc: BaseException, limit: int = 160) -> str:
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, cut to `limit` characters."""
     text = str(exc).strip().splitlines()
     line = text[0] if text else ""
     return line if len(line) <= limit else line[: limit - 3] + "..."
@@ -97,7 +98,10 @@ def _reset_for_tests() -> None:
 # Per-call checks shared by the families. Reasons are stable strings (counter keys).
 
 HALF_DTYPE_NAMES = ("torch.float16", "torch.bfloat16")
+UNUSABLE = "flag_gems unusable"  # FlagGems was tried and can't be imported: every gems call runs the original
 SMALL_INPUT = "small input"  # the reason for calls under small_input_elements(); a family may route them natively
+PROFILE_NATIVE = "native by profile"  # this device's profile keeps the call's family native at every size
+NATIVE_ROUTES = (SMALL_INPUT, PROFILE_NATIVE)  # reasons of calls routed away for speed, not because of a limit
 _dtype_reasons: dict = {}
 
 
@@ -133,6 +137,8 @@ def tensor_reason(tensor) -> str | None:
     """
     if sys.modules["torch"].compiler.is_compiling():
         return "torch.compile"
+    if _load_error is not None:
+        return UNUSABLE
     reason = device_reason(tensor) or dtype_reason(tensor.dtype)
     if reason is None:
         elements = tensor.numel()
