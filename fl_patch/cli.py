@@ -86,9 +86,10 @@ def status(as_json: bool) -> int:
     except settings.SettingsError as exc:
         problems.append(f"{exc} (nothing was applied)")
         records = runtime.unapplied_records("not applied: a setting can't be read")
+    profile = _profile(chosen, problems)
     warnings = environment.early_bindings()
     if as_json:
-        print(json.dumps({"environment": info, "settings": environment.settings_dict(chosen),
+        print(json.dumps({"environment": info, "settings": environment.settings_dict(chosen), "profile": profile,
                           "problems": problems, "early_bindings": warnings, "targets": records},
                          indent=2, default=str))
     else:
@@ -96,12 +97,40 @@ def status(as_json: bool) -> int:
         for key, value in info.items():
             print(f"  {key:<18} {value}")
         print("  settings          " + ", ".join(f"{k}={v}" for k, v in environment.settings_dict(chosen).items()))
+        print(f"  {profile['summary']}")
+        for family, entry in profile.get("families", {}).items():
+            print(f"    {family:<11} {_route_words(entry)}: {entry['why']}" + (
+                f" ({entry['lifted']})" if "lifted" in entry else ""))
+            for form, own in entry.get("forms", {}).items():
+                print(f"      {form:<9} {_route_words(own)}: {own['why']}")
         for line in warnings:
             print(f"  warning: {line}")
         print(reporting.format_table(records))
     for problem in problems:
         print(f"fl-patch status: {problem}", file=sys.stderr)
     return 2 if problems else 0
+
+
+def _profile(chosen, problems: list[str]) -> dict:
+    """The device profile in force for the first accelerator here (looked up now, as a first call would)."""
+    from fl_patch import environment, profiles, routing
+
+    if chosen.kernels != "gems":
+        return {"state": "not used", "summary": f"profile: not used (FL_PATCH_KERNELS={chosen.kernels})"}
+    device = environment.first_device()
+    if device is None:
+        return {"state": "no device", "summary": "profile: none needed, no accelerator here (it routes device calls)"}
+    try:
+        routing.resolve(device)
+    except profiles.ProfileError as exc:
+        problems.append(str(exc))
+    return routing.describe()
+
+
+def _route_words(entry: dict) -> str:
+    if entry["route"] == "native":
+        return "native"
+    return f"gems from {entry['min_elements']} elements" if entry["min_elements"] else "gems"
 
 
 def main(argv: list[str] | None = None) -> int:

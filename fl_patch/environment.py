@@ -28,19 +28,39 @@ def describe() -> dict[str, str]:
 
 
 def _device() -> str:
-    """The accelerator torch sees, or why none."""
+    """The accelerator torch sees (name, count, vendor), or why none. May initialise the device's runtime."""
     if importlib.util.find_spec("torch") is None:
         return "unknown (torch not installed)"
+    return describe_device(first_device())
+
+
+def first_device():
+    """A ``torch.device`` of the first accelerator type torch reports available (``cuda`` first, then the other
+    vendors' types of fl_patch.devices.VENDORS), or None for a CPU-only machine."""
     import torch
 
-    if torch.cuda.is_available():
-        vendor = "amd (hip)" if getattr(torch.version, "hip", None) else "nvidia (cuda)"
-        return f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}, {vendor}"
-    for kind in ("npu", "mlu", "musa", "xpu"):
-        backend = getattr(torch, kind, None)
-        if backend is not None and backend.is_available():
-            return f"{kind} x{backend.device_count()}"
-    return "cpu only (FlagGems kernels need an accelerator)"
+    from fl_patch import devices
+
+    for kind in dict.fromkeys(vendor.device_type for vendor in devices.VENDORS):
+        module = getattr(torch, kind, None)
+        try:
+            if module is not None and module.is_available():
+                return torch.device(kind, module.current_device())
+        except Exception:  # a vendor module that can't answer: not this one
+            continue
+    return None
+
+
+def describe_device(device) -> str:
+    if device is None:
+        return "cpu only (FlagGems kernels need an accelerator)"
+    import torch
+
+    from fl_patch import devices
+
+    info = devices.identify(device)
+    count = getattr(torch, device.type).device_count()
+    return f"{info.name} x{count}, {info.vendor or 'unknown vendor'} ({device.type})"
 
 
 def import_targets() -> None:

@@ -1,8 +1,10 @@
-"""How replacement functions get their kernel: the provider's function of a kernel module.
+"""How replacement functions get their kernel: the provider's function of a kernel module, with the device's
+performance routing (:mod:`fl_patch.routing`) in front of the kernel's own check.
 
 Replacements themselves are plain closures written per target (fixed signatures are cheaper than
-``*args`` and trace cleanly under torch.compile); each checks ``unsupported_*`` per call, hands what the
-kernel can't take to the original (counting it on its report record), and calls the kernel otherwise.
+``*args`` and trace cleanly under torch.compile); each checks ``unsupported`` per call, hands what the
+kernel can't take (or should not, for speed) to the original or a native path, counting it on its report
+record, and calls the kernel otherwise.
 """
 
 from __future__ import annotations
@@ -12,11 +14,27 @@ from collections.abc import Callable
 from types import ModuleType
 
 
-def kernel_pair(kernel_module: ModuleType, form: str, provider: str) -> tuple[Callable, Callable]:
+def kernel_pair(kernel_module: ModuleType, form: str, provider: str, rec) -> tuple[Callable, Callable]:
     """(kernel, unsupported) for one form of an op: ``<provider>_<form>`` and ``unsupported_<form>``
-    (``<provider>`` / ``unsupported`` when form is empty)."""
+    (``<provider>`` / ``unsupported`` when form is empty), for the place `rec` records.
+
+    With the gems provider, ``unsupported(provider, tensor, ...)`` first asks the router of routing key
+    ``<family>.<form>`` (the module's FAMILY; form defaults to it) about the deciding tensor, the first one: a
+    launch-bound call leaves there, before the shape checks."""
     suffix = f"_{form}" if form else ""
-    return getattr(kernel_module, f"{provider}{suffix}"), getattr(kernel_module, f"unsupported{suffix}")
+    kernel = getattr(kernel_module, f"{provider}{suffix}")
+    unsupported = getattr(kernel_module, f"unsupported{suffix}")
+    if provider != "gems":
+        return kernel, unsupported
+    from fl_patch import routing
+
+    family = kernel_module.FAMILY
+    route = routing.router(f"{family}.{form or family}", routing.is_lifted(rec.target, rec.family))
+
+    def routed(provider, tensor, *rest):
+        return route(tensor) or unsupported(provider, tensor, *rest)
+
+    return kernel, routed
 
 
 def like(replacement: Callable, original: Callable) -> Callable:

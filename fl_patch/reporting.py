@@ -73,9 +73,10 @@ def summary(records: list[dict]) -> dict[str, int]:
     return counts
 
 
-def format_table(records: list[dict]) -> str:
+def format_table(records: list[dict], notes: tuple[str, ...] = ()) -> str:
     """A readable text table of records (family, state, provider, target name, place, detail), sorted by family,
-    with a summary line. Rows waiting for a library that is not installed are folded into one line per library."""
+    after a summary line and `notes` (one line each, such as the device profile in force). Rows waiting for a
+    library that is not installed are folded into one line."""
     import importlib.util
 
     missing: dict[str, list[str]] = {}
@@ -89,7 +90,7 @@ def format_table(records: list[dict]) -> str:
     counts = summary(records)
     head = ("fl_patch report: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) if counts else
             "fl_patch report: nothing recorded")
-    lines = [head + _hint(records)]
+    lines = [head + _hint(records), *(f"  {note}" for note in notes)]
     width = max([len(r["target"]) for r in shown] + [6])
     for record in sorted(shown, key=lambda r: (r["family"], r["target"], r["where"])):
         detail = record["reason"]

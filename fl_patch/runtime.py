@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from fl_patch import hooks, ledger, reporting, table
+from fl_patch import hooks, ledger, reporting, routing, table
 from fl_patch import settings as settings_mod
 from fl_patch.errors import PatchError, SettingsError
 
@@ -150,11 +150,6 @@ def _run_row(target: table.Target, module: Any, s: settings_mod.Settings, genera
             raise Skip(problem)
         provider, no_provider = None, ""
         if target.family in table.KERNEL_FAMILIES and not target.kernel_free:
-            from fl_patch import performance
-
-            slower = performance.held_back(target, s)
-            if slower:
-                raise Skip(slower)
             try:
                 provider = _resolve_provider(target, s)
             except Skip as why:
@@ -229,6 +224,7 @@ def apply(settings: settings_mod.Settings | None = None, extra_targets: tuple[ta
         if _state.active:
             revert()
         logging.getLogger("fl_patch").setLevel(s.log_level)
+        routing.configure(s, registry)
         _state.settings, _state.registry = s, registry
         _state.selected, _state.excluded = registry.select(include, s.exclude)
         _state.records, _state.done = [], set()
@@ -383,6 +379,12 @@ def kernel_failed(rec: reporting.Record, exc: Exception) -> str:
     return reason
 
 
+def report_text() -> str:
+    """The report as text: the summary, the device profile in force (or why none), every record."""
+    notes = (routing.summary_line(),) if _state.settings is not None and _state.settings.kernels == "gems" else ()
+    return reporting.format_table(records(), notes)
+
+
 def _print_report_at_exit() -> None:
     if reporting.is_rank_zero():
-        print(reporting.format_table(records()), file=sys.stderr)
+        print(report_text(), file=sys.stderr)

@@ -49,10 +49,10 @@ class Target:
         provider can be used (instead of skipping the row); the factory must then install torch-only
         behaviour (e.g. registry keys that other code names and must find).
     explicit_choice: the row installs something the user's own code or config must name to use
-        (``attn_implementation="flagos"``, a ``flagos_*`` key); performance defaults never hold it back.
+        (``attn_implementation="flagos"``, a ``flagos_*`` key); the device profile never keeps its family native
+        (``fl_patch.routing``).
     kernel_free: the row belongs to a kernel family (include/exclude select it with the family) but runs no
-        provider's kernel: no provider is resolved (``ctx.provider`` is None) and performance defaults never
-        hold it back.
+        provider's kernel: no provider is resolved (``ctx.provider`` is None).
     description: one line for ``fl-patch status``.
     """
 

@@ -112,15 +112,18 @@ def enable_globally(torch_module, ctx) -> None:
 
 
 def _select_local_device(torch_module) -> None:
-    """Under torchrun (LOCAL_RANK set), make this rank's GPU current before FlagGems is imported: its import
+    """Under torchrun (LOCAL_RANK set), make this rank's device current before FlagGems is imported: its import
     initialises the current device, and this runs when torch finishes importing, before the user's script
-    calls ``torch.cuda.set_device``; without this every rank would put a context on GPU 0."""
+    calls ``torch.cuda.set_device`` (or its vendor's); without this every rank would put a context on device 0."""
     import os
 
+    from fl_patch import devices
+
     local_rank = os.environ.get("LOCAL_RANK")
-    if local_rank is None or not local_rank.isdigit() or not torch_module.cuda.is_available():
+    module = devices.device_module(torch_module)
+    if local_rank is None or not local_rank.isdigit() or module is None or not module.is_available():
         return
-    torch_module.cuda.set_device(int(local_rank) % torch_module.cuda.device_count())
+    module.set_device(int(local_rank) % module.device_count())
 
 
 def function_table(flag_gems) -> dict[str, str]:

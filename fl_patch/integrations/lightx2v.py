@@ -329,7 +329,7 @@ def _varlen_apply(form: str, original: Callable, rec, provider: str) -> Callable
     to the sequence length)."""
     from fl_patch.kernels import attention
 
-    kernel, unsupported = kernel_pair(attention, "varlen", provider)
+    kernel, unsupported = kernel_pair(attention, "varlen", provider, rec)
     reads_keywords = form == "flash"
 
     def apply(self, q, k, v, cu_seqlens_q=None, cu_seqlens_kv=None, max_seqlen_q=None, max_seqlen_kv=None,
@@ -391,7 +391,7 @@ def _sdpa_apply(original: Callable, rec, provider: str) -> Callable:
 
     from fl_patch.kernels import attention
 
-    kernel, unsupported = kernel_pair(attention, "sdpa", provider)
+    kernel, unsupported = kernel_pair(attention, "sdpa", provider, rec)
 
     def apply(self, q, k, v, drop_rate=0, attn_mask=None, causal=False, cu_seqlens_q=None, cu_seqlens_kv=None,
               max_seqlen_q=None, max_seqlen_kv=None, **kwargs):
@@ -505,8 +505,8 @@ def _rms_apply(form: str, cls: type, original: Callable, rec, provider: str) -> 
 
     from fl_patch.kernels import rms_norm
 
-    hf, hf_unsupported = kernel_pair(rms_norm, "hf", provider)
-    fused, fused_unsupported = kernel_pair(rms_norm, "torch", provider)
+    hf, hf_unsupported = kernel_pair(rms_norm, "hf", provider, rec)
+    fused, fused_unsupported = kernel_pair(rms_norm, "torch", provider, rec)
     norm = getattr(cls, "_norm", None)
     half = (torch.float16, torch.bfloat16)
 
@@ -586,7 +586,7 @@ def _build_layer_norm(form, provider, cls, original, rec):
 def _layer_norm_apply(form: str, original: Callable, rec, provider: str) -> Callable:
     from fl_patch.kernels import layer_norm
 
-    kernel, unsupported = kernel_pair(layer_norm, "", provider)
+    kernel, unsupported = kernel_pair(layer_norm, "", provider, rec)
 
     def apply(self, input_tensor):
         if form == "torch" and self.sensitive_layer_dtype != self.infer_dtype:
@@ -637,7 +637,7 @@ def _torch_rope_apply(cls: type, original: Callable, rec, provider: str) -> Call
 
     from fl_patch.kernels import rope
 
-    kernel, unsupported = kernel_pair(rope, "interleaved", provider)
+    kernel, unsupported = kernel_pair(rope, "interleaved", provider, rec)
     apply_single = getattr(cls, "apply_single", None)
 
     def apply(self, q, k, freqs, **kwargs):
@@ -713,7 +713,7 @@ def _flashinfer_apply(cls: type, original: Callable, rec, provider: str) -> Call
 
     from fl_patch.kernels import rope
 
-    kernel, unsupported = kernel_pair(rope, "interleaved", provider)
+    kernel, unsupported = kernel_pair(rope, "interleaved", provider, rec)
     overridable = {name: getattr(cls, name, None) for name in ("prepare_freqs", "_apply_eager")}
 
     def apply(self, q, k, freqs, positions=None, **kwargs):
@@ -783,7 +783,7 @@ def _build_mm(cls, original, rec, provider):
 def _mm_apply(original: Callable, rec, provider: str) -> Callable:
     from fl_patch.kernels import linear
 
-    kernel, unsupported = kernel_pair(linear, "in_out", provider)
+    kernel, unsupported = kernel_pair(linear, "in_out", provider, rec)
 
     def apply(self, input_tensor):
         if input_tensor.dim() != 2:

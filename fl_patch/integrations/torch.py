@@ -57,9 +57,9 @@ def patch_rms_norm(torch_module, ctx) -> None:
     from fl_patch.kernels import rms_norm as kernels
 
     original = functional.rms_norm
-    kernel, unsupported = kernel_pair(kernels, "torch", ctx.provider)
-    provider = ctx.provider
     rec = ctx.record("torch.nn.functional.rms_norm")
+    kernel, unsupported = kernel_pair(kernels, "torch", ctx.provider, rec)
+    provider = ctx.provider
 
     def rms_norm(input, normalized_shape, weight=None, eps=None):
         reason = unsupported(provider, input, normalized_shape, weight)
@@ -81,10 +81,10 @@ def patch_layer_norm(torch_module, ctx) -> None:
     from fl_patch.kernels import layer_norm as kernels
 
     original = functional.layer_norm
-    kernel, unsupported = kernel_pair(kernels, "", ctx.provider)
+    rec = ctx.record("torch.nn.functional.layer_norm")
+    kernel, unsupported = kernel_pair(kernels, "", ctx.provider, rec)
     provider = ctx.provider
     plain, optional = _tensor_types(torch_module)
-    rec = ctx.record("torch.nn.functional.layer_norm")
 
     def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
         if type(input) not in plain or type(weight) not in optional or type(bias) not in optional:
@@ -109,10 +109,10 @@ def patch_linear(torch_module, ctx) -> None:
     from fl_patch.kernels import linear as kernels
 
     original = functional.linear
-    kernel, unsupported = kernel_pair(kernels, "", ctx.provider)
+    rec = ctx.record("torch.nn.functional.linear")
+    kernel, unsupported = kernel_pair(kernels, "", ctx.provider, rec)
     provider = ctx.provider
     plain, optional = _tensor_types(torch_module)
-    rec = ctx.record("torch.nn.functional.linear")
 
     def linear(input, weight, bias=None):
         if type(input) not in plain or type(weight) not in plain or type(bias) not in optional:
@@ -138,10 +138,10 @@ def patch_sdpa(torch_module, ctx) -> None:
     from fl_patch.kernels import attention as kernels
 
     original = functional.scaled_dot_product_attention
-    kernel, unsupported = kernel_pair(kernels, "sdpa", ctx.provider)
+    rec = ctx.record("torch.nn.functional.scaled_dot_product_attention")
+    kernel, unsupported = kernel_pair(kernels, "sdpa", ctx.provider, rec)
     provider = ctx.provider
     plain, optional = _tensor_types(torch_module)
-    rec = ctx.record("torch.nn.functional.scaled_dot_product_attention")
 
     def scaled_dot_product_attention(
         query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False

@@ -544,7 +544,7 @@ def _attention_function(ctx, rec, original: Callable) -> Callable:
     transformers' ``sdpa_attention_forward`` does and hands every call it can't take to `original`."""
     from fl_patch.kernels import attention as kernels
 
-    kernel, unsupported = kernel_pair(kernels, "sdpa", ctx.provider)
+    kernel, unsupported = kernel_pair(kernels, "sdpa", ctx.provider, rec)
     provider = ctx.provider
 
     def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -709,7 +709,7 @@ def patch_rms_norm(module, ctx) -> None:
 
     def make_forward(original, rec, form: Form) -> Callable:
         kernel_form, cast_back, weight_of = RMS_NORM_KERNELS[form.variant]
-        kernel, unsupported = kernel_pair(kernels, kernel_form, ctx.provider)
+        kernel, unsupported = kernel_pair(kernels, kernel_form, ctx.provider, rec)
         native = getattr(kernels, f"native_{kernel_form}", None)
         if form.variant == "gated":
             return _gated_rms_norm_forward(kernel, unsupported, native, ctx.provider, original, rec, form.eps)
@@ -748,7 +748,7 @@ def patch_rope(module, ctx) -> None:
     if form.variant is None:
         ctx.skip(rec, form.reason)
         return
-    kernel, unsupported = kernel_pair(kernels, "hf", ctx.provider)
+    kernel, unsupported = kernel_pair(kernels, "hf", ctx.provider, rec)
     replacement = _rope_function(kernel, unsupported, ctx.provider, original, rec, form.variant == "hf_cast")
     ctx.setattr(rec, module, "apply_rotary_pos_emb", replacement)
 
@@ -784,10 +784,10 @@ def patch_swiglu(module, ctx) -> None:
 
     from fl_patch.kernels import swiglu as kernels
 
-    kernel, unsupported = kernel_pair(kernels, "", ctx.provider)
     silu_types = (activations.SiLUActivation, nn.SiLU)
 
     def make_forward(original, rec, form: Form) -> Callable:
+        kernel, unsupported = kernel_pair(kernels, "", ctx.provider, rec)
         return _swiglu_forward(kernel, unsupported, ctx.provider, original, rec, silu_types)
 
     def is_candidate(cls: type, forward: types.FunctionType) -> bool:

@@ -88,18 +88,17 @@ def info() -> dict:
 
 def _reset_for_tests() -> None:
     """Forget the cached module or failure so that the next ``load()`` imports again."""
-    global _module, _load_error, _small_input_elements
+    global _module, _load_error
     with _load_lock:
         _module = None
         _load_error = None
-        _small_input_elements = None
 
 
 # Per-call checks shared by the families. Reasons are stable strings (counter keys).
 
 HALF_DTYPE_NAMES = ("torch.float16", "torch.bfloat16")
 UNUSABLE = "flag_gems unusable"  # FlagGems was tried and can't be imported: every gems call runs the original
-SMALL_INPUT = "small input"  # the reason for calls under small_input_elements(); a family may route them natively
+SMALL_INPUT = "small input"  # below the size this device's profile sends to FlagGems (fl_patch.routing)
 PROFILE_NATIVE = "native by profile"  # this device's profile keeps the call's family native at every size
 NATIVE_ROUTES = (SMALL_INPUT, PROFILE_NATIVE)  # reasons of calls routed away for speed, not because of a limit
 _dtype_reasons: dict = {}
@@ -126,37 +125,19 @@ def dtype_reason(dtype) -> str | None:
 
 
 def tensor_reason(tensor) -> str | None:
-    """"torch.compile", device, dtype, "empty tensor", then "small input" reason for the tensor that decides a
-    gems call; None if all pass.
+    """"torch.compile", "flag_gems unusable", device, dtype, then "empty tensor" for the tensor that decides a gems
+    call; None if all pass.
 
-    Every ``unsupported_*`` calls this first, before its shape checks: on NVIDIA it is what sends each
-    launch-bound call (1x128, decode) to a native path (the original, or for HF's RMSNorm torch's fused op), so
-    that path runs only this and the call itself.
-    Under torch.compile every gems call goes to the original: dynamo can't trace FlagGems 5.0.2's Triton
-    launcher (it graph-breaks at each call and compiles for minutes), while inductor fuses the originals.
+    Every ``unsupported_*`` calls this first, before its shape checks. Under torch.compile every gems call goes to
+    the original: dynamo can't trace FlagGems 5.0.2's Triton launcher (it graph-breaks at each call and compiles
+    for minutes), while inductor fuses the originals. Which calls *should* go to FlagGems on this device, for
+    speed, is :mod:`fl_patch.routing`'s question, asked before this one (``fl_patch.replacements.kernel_pair``).
     """
     if sys.modules["torch"].compiler.is_compiling():
         return "torch.compile"
     if _load_error is not None:
         return UNUSABLE
     reason = device_reason(tensor) or dtype_reason(tensor.dtype)
-    if reason is None:
-        elements = tensor.numel()
-        if elements == 0:
-            return "empty tensor"
-        if elements < small_input_elements():
-            return SMALL_INPUT
+    if reason is None and tensor.numel() == 0:
+        return "empty tensor"
     return reason
-
-
-_small_input_elements: int | None = None
-
-
-def small_input_elements() -> int:
-    """Inputs with fewer elements stay native on this vendor (see fl_patch.performance); read once."""
-    global _small_input_elements
-    if _small_input_elements is None:
-        from fl_patch import performance
-
-        _small_input_elements = performance.small_input_elements()
-    return _small_input_elements

@@ -10,6 +10,8 @@ import torch
 
 from fl_patch.kernels import gems as _gems
 
+FAMILY = "layer_norm"  # routing keys of this module: "layer_norm.<form>" (fl_patch.routing)
+
 
 def reference(
     x: torch.Tensor,

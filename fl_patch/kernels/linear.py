@@ -12,6 +12,8 @@ import torch
 
 from fl_patch.kernels import gems as _gems
 
+FAMILY = "linear"  # routing keys of this module: "linear.<form>" (fl_patch.routing)
+
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: ``x @ weight.T + bias`` over any leading dims, by explicit mm/addmm."""

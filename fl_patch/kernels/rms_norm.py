@@ -15,6 +15,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fl_patch.kernels import gems
 
+FAMILY = "rms_norm"  # routing keys of this module: "rms_norm.<form>" (fl_patch.routing)
+
 # Gemma's (1 + weight) in fp32, per weight tensor: (weight._version when computed, value).
 _gemma_scale_cache = WeakIdKeyDictionary()
 # F.rms_norm's eps when None, per input dtype: the epsilon of the compute dtype.

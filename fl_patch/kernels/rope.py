@@ -22,6 +22,8 @@ import torch
 
 from fl_patch.kernels import gems
 
+FAMILY = "rope"  # routing keys of this module: "rope.<form>" (fl_patch.routing)
+
 MIN_TABLE_ROWS = 4096
 
 # (cos source, sin source, their versions, (cos table, sin table)); one entry, replaced as a whole.

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from fl_patch.kernels import gems as _gems
 
+FAMILY = "swiglu"  # routing keys of this module: "swiglu.<form>" (fl_patch.routing)
+
 
 def reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``F.silu(gate) * up``."""

@@ -29,11 +29,9 @@ _environment: dict = {}
 
 @pytest.fixture(autouse=True)
 def every_call_on_flag_gems(monkeypatch):
-    """These tests prove the FlagGems paths: lift the small-input rule of fl_patch.performance (calls below
-    its size stay native on NVIDIA) so that the small shapes here run FlagGems too."""
-    from fl_patch.kernels import gems
-
-    monkeypatch.setattr(gems, "small_input_elements", lambda: 0)
+    """These tests prove the FlagGems paths: no device profile (FL_PATCH_PROFILE=off), so that the small shapes and
+    the families a profile keeps native run FlagGems too. A test that needs a profile sets its own."""
+    monkeypatch.setenv("FL_PATCH_PROFILE", "off")
 
 
 def pytest_runtest_logreport(report):

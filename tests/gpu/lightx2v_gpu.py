@@ -383,11 +383,9 @@ def main(argv=None) -> int:
         if "reference" not in case:  # an op whose own kernel is missing can't run unpatched: it has a stand-in
             references[case["op"]] = (case["call"](), timed(case["call"], torch) if args.time else None)
 
-    # This proves the FlagGems paths: lift the small-input rule of fl_patch.performance (calls below its size stay
-    # native on NVIDIA, and here a native call of a missing flash_attn/sage op can't run), as tests/gpu does.
-    from fl_patch.kernels import gems
-
-    gems.small_input_elements = lambda: 0
+    # This proves the FlagGems paths: no device profile (a profile may keep calls native, and here a native call of
+    # a missing flash_attn/sage op can't run), as tests/gpu does.
+    os.environ["FL_PATCH_PROFILE"] = "off"
     fl_patch.apply(kernels=args.kernels, include=[t.name for t in integration.TARGETS])
     results = []
     for case in cases + ops.flagos_cases():

@@ -107,15 +107,19 @@ def test_rms_norm_hf_native_path(record_property, dtype, shape):
     check(record_property, actual, native, exact, reduce_dim=x.shape[-1])
 
 
-def test_small_hf_rms_norm_calls_take_the_native_path_on_the_device(record_property, monkeypatch):
-    """With the small-input rule in force (the fixture lifts it for the other tests), a 1x16 forward of a tiny
-    bf16 Llama runs its RMSNorms on torch's fused op and matches HF's logits within bf16 noise."""
+def test_small_hf_rms_norm_calls_take_the_native_path_on_the_device(record_property, monkeypatch, tmp_path):
+    """With a profile that keeps RMSNorm calls under 2**22 elements native (the fixture turns profiles off for the
+    other tests), a 1x16 forward of a tiny bf16 Llama runs its RMSNorms on torch's fused op and matches HF's logits
+    within bf16 noise."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import fl_patch
-    from fl_patch import performance
+    from fl_patch import profiles
 
-    monkeypatch.setattr(gems, "small_input_elements", performance.small_input_elements)
+    path = profiles.write({"schema": 1, "device": {"name": torch.cuda.get_device_name(0)}, "versions": {},
+                           "families": {"rms_norm": {"route": "gems", "min_elements": 1 << 22}}},
+                          tmp_path / "profile.json")
+    monkeypatch.setenv("FL_PATCH_PROFILE", str(path))
     config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)

@@ -43,9 +43,9 @@ RESULTS_DIR = Path(os.environ.get("FL_PATCH_GPU_RESULTS_DIR") or Path(__file__).
 SIZES = dict(vocab_size=32000, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
              num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
              pad_token_id=0)
-# include lists: this integration's rows; every kernel family (past the per-vendor performance defaults, so
-# that every FlagGems path is proven); and the defaults as users get them (on NVIDIA: attention and linear
-# stay native, see fl_patch/performance.py).
+# include lists: this integration's rows; every kernel family (with no device profile, so that every FlagGems path
+# is proven); and the defaults as users get them (this device's shipped profile: on the H200 attention and linear
+# stay native, see fl_patch/profiles/).
 PATCH_SETS = {
     "transformers rows": [target.name for target in integration.TARGETS],
     "every kernel family": list(KERNEL_FAMILIES),
@@ -149,7 +149,7 @@ def fl_patch_summary():
 
 
 @pytest.mark.parametrize("style", ["llama", "qwen3"])
-def test_bf16_model_patched_with_flag_gems(style):
+def test_bf16_model_patched_with_flag_gems(style, monkeypatch):
     model, exact_model = build(style)
     input_ids, attention_mask = batch()
     keep = attention_mask.bool()
@@ -162,6 +162,8 @@ def test_bf16_model_patched_with_flag_gems(style):
     results = _results[style] = {}
     failures = []
     for name, rows in PATCH_SETS.items():
+        if name == "defaults":
+            monkeypatch.delenv("FL_PATCH_PROFILE")  # tests/gpu/conftest.py turns profiles off for the others
         fl_patch.apply(kernels="gems", include=rows)
         try:
             patched = logits(model, input_ids, attention_mask)
