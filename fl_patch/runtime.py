@@ -386,5 +386,9 @@ def report_text() -> str:
 
 
 def _print_report_at_exit() -> None:
-    if reporting.is_rank_zero():
-        print(report_text(), file=sys.stderr)
+    """FL_PATCH_REPORT=1: rank 0 prints the report, and the table of the job's ranks when there are several."""
+    from fl_patch import ranks
+
+    text = ranks.report_text()
+    if text:
+        print(text, file=sys.stderr)

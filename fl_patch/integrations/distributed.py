@@ -44,6 +44,15 @@ TARGETS = [
         requires=("torch>=2.4",),
         description="FlagCX as the default torch.distributed backend for its device types",
     ),
+    Target(
+        name="torch.distributed.report_ranks",
+        family="distributed",
+        module="torch",
+        attribute="destroy_process_group (FL_PATCH_REPORT=1)",
+        factory="fl_patch.integrations.distributed:patch_report_exchange",
+        requires=("torch>=2.4",),
+        description="FL_PATCH_REPORT=1: the ranks' summaries are exchanged before the default group is destroyed",
+    ),
 ]
 
 
@@ -173,3 +182,26 @@ def _switching(original, spec: str, devices: list[str], inherit_none: bool, name
         return original(*bound.args, **bound.kwargs)
 
     return switched
+
+
+def patch_report_exchange(torch_module, ctx) -> None:
+    """With FL_PATCH_REPORT=1, wrap ``destroy_process_group`` so that destroying the default group first exchanges
+    the ranks' report summaries over its store (``fl_patch.ranks``), which exit could no longer do."""
+    if not ctx.settings.report_at_exit:
+        raise Skip("FL_PATCH_REPORT is off")
+    distributed = importlib.import_module("torch.distributed")
+    if not distributed.is_available():
+        raise Skip("torch.distributed is not available in this torch build")
+    from fl_patch import ranks
+
+    original = distributed.distributed_c10d.destroy_process_group
+
+    def destroy_process_group(group=None):
+        if group is None:
+            ranks.exchange_now()
+        return original(group)
+
+    rec = ctx.record("torch.distributed.destroy_process_group")
+    replacement = like(destroy_process_group, original)
+    for owner in _holders(distributed, "destroy_process_group", original):
+        ctx.setattr(rec, owner, "destroy_process_group", replacement)
