@@ -5,8 +5,10 @@ vocab 32000, bf16, random init) and each shape (prefill 4x2048 and 1x128; one de
 tokens at batch 1 and 16), it times these variants on the same model and inputs, and records the largest
 logit difference from HF default:
 
-    hf_sdpa (HF default), hf_eager, fl_patch (defaults: families FlagGems is slower at stay native),
-    fl_patch_all (every family on FlagGems), fl_patch_all-<family> (each family left out in turn),
+    hf_sdpa (HF default), hf_eager, fl_patch (defaults: routed by this device's profile, the one
+    ``fl-patch status`` names), fl_patch_hand (routed by the hand table that came before profiles,
+    benchmarks/hand_table_profile.json), fl_patch_off (FL_PATCH_PROFILE=off: no routing, what a device without
+    a profile gets), fl_patch_all (every family on FlagGems), fl_patch_all-<family> (each family left out in turn),
     fl_patch+global (FlagGems aten override too), compile_hf, compile_fl_patch, liger (last: it can't revert)
 
 plus a training step (forward + backward + AdamW, 4x1024): time and peak memory for hf_sdpa, fl_patch, liger.
@@ -41,6 +43,9 @@ from model_configs import model_config  # benchmarks/, on sys.path as the script
 
 FAMILIES = ("attention", "rms_norm", "rope", "linear", "swiglu")
 PARTS = ("prefill", "decode", "compile", "train")
+# fl_patch's hand-written routing table before device profiles, kept as a profile to compare with in the same run.
+HAND_TABLE = Path(__file__).resolve().parent / "hand_table_profile.json"
+PROFILES_SEEN: dict[str, str] = {}  # fl_patch variant -> the profile it routed by (fl_patch.routing.summary_line)
 
 
 class Timer:
@@ -86,6 +91,8 @@ def variants(kernels: str, quick: bool, model):
     everything = list(FAMILIES)
     rows = [("hf_sdpa", contextlib.nullcontext), ("hf_eager", eager),
             ("fl_patch", lambda: fl_patch.patched(kernels=kernels)),
+            ("fl_patch_hand", lambda: fl_patch.patched(kernels=kernels, profile=str(HAND_TABLE))),
+            ("fl_patch_off", lambda: fl_patch.patched(kernels=kernels, profile="off")),
             ("fl_patch_all", lambda: fl_patch.patched(kernels=kernels, include=everything))]
     rows += [(f"fl_patch_all-{family}",
               (lambda f=family: fl_patch.patched(kernels=kernels, include=[x for x in everything if x != f])))
@@ -161,6 +168,10 @@ def measure_shapes(model, name, context, timer, shapes, vocab, device, reference
                 traceback.print_exc()
             if saved is not None:
                 saved()
+        if name.startswith("fl_patch") and fl_patch.is_active():
+            from fl_patch import routing
+
+            PROFILES_SEEN[name] = routing.summary_line()
         if compiled:
             torch._dynamo.reset()
     print(f"  {name:<22} " + "  ".join(f"{k}={v.get('ms', float('nan')):.2f}ms" for k, v in out.items()), flush=True)
@@ -388,6 +399,7 @@ def main() -> None:
     for name in args.models.split(","):
         def save(result, name=name):  # after each variant: a run cut short keeps what it measured
             results["models"][name] = result
+            results["profiles"] = PROFILES_SEEN
             (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
 
         run_model(name, args, device, dtype, kernels, save)

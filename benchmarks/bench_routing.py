@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 from pathlib import Path
 
 import torch
@@ -40,12 +39,8 @@ def build_model(layers: int):
     return AutoModelForCausalLM.from_config(config).eval().to(torch.bfloat16)
 
 
-# The shipped H200 profile's routing in the launch-bound case when none is shipped: every family native below
-# 2**22 elements, attention and linear at every size.
-FALLBACK_FAMILIES = {
-    **{family: {"route": "gems", "min_elements": 1 << 22, "why": "stand-in"} for family in profiles.FAMILY_FORMS},
-    "attention": {"route": "native", "why": "stand-in"}, "linear": {"route": "native", "why": "stand-in"},
-}
+# Without a shipped H200 profile: the hand table that came before profiles, kept as one.
+HAND_TABLE = Path(__file__).resolve().parent / "hand_table_profile.json"
 
 
 def shipped_h200_profile() -> Path | None:
@@ -53,17 +48,13 @@ def shipped_h200_profile() -> Path | None:
     return found[-1] if found else None
 
 
-def simulate_routing(profile_path: str | None, scratch: Path) -> Path:
+def simulate_routing(profile_path: str | None) -> Path:
     """Make fl_patch route CPU bf16 tensors as tensors of the profile's device (this process only); returns the
     profile used.
 
     FlagGems is reported installed so that its rows patch; no call may reach it (every one of a decode step is
     under the profile's sizes or in a native family), and ``gems.load`` raises if one does."""
-    if profile_path is None:
-        profile_path = shipped_h200_profile()
-    if profile_path is None:
-        profile_path = profiles.write({"schema": 1, "device": {"vendor": "nvidia", "name": "NVIDIA H200"},
-                                       "versions": {}, "families": FALLBACK_FAMILIES}, scratch / "stand-in.json")
+    profile_path = profile_path or shipped_h200_profile() or HAND_TABLE
     profile = profiles.read(profile_path, "bench_routing")
     device = devices.DeviceInfo(profile.device.get("vendor"), "cuda", profile.device["name"])
     gems.installed = lambda: None
@@ -87,7 +78,7 @@ def main() -> None:
     layers, reps, rounds = (2, 20, 2) if args.quick else (16, 100, max(1, args.rounds))
     torch.set_num_threads(1)
     fl_patch.revert()  # `import fl_patch` may have activated from the environment
-    used = simulate_routing(args.profile, Path(tempfile.mkdtemp()))
+    used = simulate_routing(args.profile)
     model = build_model(layers)
     step = decode_fn(model, batch=1, cached=64, vocab=model.config.vocab_size, device="cpu")
     timer = Timer("cpu", warmup=max(3, reps // 10), reps=reps)

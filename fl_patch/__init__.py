@@ -25,20 +25,22 @@ def apply(
     gems_unused=None,
     dist=None,
     strict=None,
+    profile=None,
 ):
     """Patch now (modules already imported) and on import (the rest).
 
     include / exclude: op families (``attention``, ``rms_norm``, ``rope``, ``linear``, ``swiglu``,
     ``layer_norm``, ``gems_global``, ``distributed``, ``platform``) or target names; a list or a comma string.
-    kernels: ``"gems"`` or ``"reference"``. Arguments left None come from ``FL_PATCH_*`` variables,
-    then defaults. Applying again with different settings reverts first. Raises SettingsError (a
-    ValueError) naming the bad value and what is accepted.
+    kernels: ``"gems"`` or ``"reference"``. profile: the device profile to route by (a file or folder path, or
+    ``"off"``; see fl_patch.profiles). Arguments left None come from ``FL_PATCH_*`` variables, then defaults.
+    Applying again with different settings reverts first. Raises SettingsError (a ValueError) naming the bad
+    value and what is accepted.
     """
     from fl_patch import runtime, settings
 
     chosen = settings.load(
         include=include, exclude=exclude, kernels=kernels, gems_global=gems_global,
-        gems_unused=gems_unused, dist=dist, strict=strict,
+        gems_unused=gems_unused, dist=dist, strict=strict, profile=profile,
     )
     _bootstrap.uninstall()
     runtime.apply(chosen)
