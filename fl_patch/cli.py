@@ -3,8 +3,8 @@
 ``fl-patch run -- CMD ARGS...`` runs CMD with the bootstrap directory first on PYTHONPATH, so CMD and
 every Python process it starts (torchrun workers, multiprocessing children) activate fl_patch with zero
 code changes. ``fl-patch status [--json]`` imports torch (and transformers, if installed), applies from
-the environment and prints the environment and every target with its state. ``fl-patch check`` (its
-options: ``fl-patch check -h``) is fl_patch.conformance.
+the environment and prints the environment and every target with its state. ``fl-patch check`` and
+``fl-patch tune`` (their options: ``fl-patch check -h``) are fl_patch.conformance and fl_patch.tuning.
 """
 
 from __future__ import annotations
@@ -74,7 +74,8 @@ def status(as_json: bool) -> int:
 
 
 # Commands whose module parses its own options (imported only when run: they import torch).
-DELEGATED = {"check": ("fl_patch.conformance", "conformance of fl_patch's kernels on this device")}
+DELEGATED = {"check": ("fl_patch.conformance", "conformance of fl_patch's kernels on this device"),
+             "tune": ("fl_patch.tuning", "measure FlagGems against native here and write a device profile")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
-"""``fl-patch check`` on the CPU: its --quick run in a subprocess, failures it must catch (a wrong kernel, an
-attribute revert left behind, a global override that gives wrong logits), and its gems paths against the fake
-FlagGems."""
+"""``fl-patch check`` and ``fl-patch tune`` on the CPU: the decision rule on synthetic timings, the commands'
+--quick runs in subprocesses, failures they must catch (a wrong kernel, an attribute revert left behind, a
+global override that gives wrong logits), and their gems paths against the fake FlagGems."""
 
 import importlib.machinery
 import json
@@ -27,7 +27,62 @@ def fl_patch_command(*args, env=None, timeout=120):
     return result, time.monotonic() - began
 
 
-# --------------------------------------------------------------------------------------------- bisection
+# ------------------------------------------------------------------------------------------- decision rule
+
+
+def points(*timings, noise=0.03):
+    """Points at 2**12, 2**14, ... from (gems_us, native_us) pairs."""
+    return [{"elements": 1 << (12 + 2 * i), "gems_us": g, "native_us": n, "noise": noise}
+            for i, (g, n) in enumerate(timings)]
+
+
+def test_faster_everywhere_is_gems_at_every_size():
+    from fl_patch.tuning import decide
+
+    decision = decide(points((5, 10), (6, 10), (7, 10)))
+    assert (decision["route"], decision["min_elements"]) == ("gems", 0)
+
+
+def test_faster_from_a_size_on_is_gems_above_it():
+    from fl_patch.tuning import decide
+
+    decision = decide(points((20, 10), (12, 10), (8, 10), (50, 100)))
+    assert (decision["route"], decision["min_elements"]) == ("gems", 1 << 16)
+    assert "native below 65536" in decision["why"]
+
+
+def test_slower_beyond_noise_at_a_larger_size_moves_the_threshold_or_makes_it_native():
+    from fl_patch.tuning import decide
+
+    assert decide(points((5, 10), (6, 10), (12, 10)))["route"] == "native"  # slower at the largest size
+    decision = decide(points((5, 10), (12, 10), (6, 10), (7, 10)))  # slower in the middle: only above it
+    assert (decision["route"], decision["min_elements"]) == ("gems", 1 << 16)
+    assert decide(points((12, 10), (13, 10)))["route"] == "native"  # never faster
+
+
+def test_noise_decides_what_counts_as_slower():
+    from fl_patch.tuning import decide
+
+    assert decide(points((5, 10), (10.2, 10)))["min_elements"] == 0  # 2% slower, within 3% noise
+    assert decide(points((5, 10), (10.5, 10)))["route"] == "native"  # 5% slower
+    assert decide(points((5, 10), (10.5, 10), noise=0.08))["min_elements"] == 0  # within this point's 8%
+    assert decide(points((10, 10), (9, 10)))["min_elements"] == 1 << 14  # equal is not faster
+
+
+def test_points_of_one_size_from_two_variants_must_both_hold():
+    from fl_patch.tuning import decide
+
+    both = points((5, 10), (5, 10)) + [{"elements": 1 << 14, "gems_us": 15, "native_us": 10, "noise": 0.03}]
+    assert decide(both)["route"] == "native"
+
+
+def test_family_takes_the_most_conservative_form():
+    from fl_patch.tuning import family_decision
+
+    gems = {"route": "gems", "min_elements": 0}
+    assert family_decision({"a": gems, "b": {"route": "gems", "min_elements": 4096}})["min_elements"] == 4096
+    assert family_decision({"a": gems, "b": {"route": "native", "min_elements": 0}})["route"] == "native"
+    assert family_decision({"a": gems})["min_elements"] == 0
 
 
 def test_bisection_finds_bad_functions_and_interactions():
@@ -75,10 +130,40 @@ def test_check_quick_passes_and_writes_every_case(tmp_path):
     assert "[rms_norm]" in result.stdout and "0 fail" in result.stdout.splitlines()[-1]
 
 
+def test_tune_quick_writes_a_profile_that_parses(tmp_path):
+    from fl_patch import profiles
+
+    out = tmp_path / "profile.json"
+    result, seconds = fl_patch_command("tune", "--quick", "--out", str(out))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert seconds < 60, seconds
+    profile = profiles.read(out, "test")
+    data = json.loads(out.read_text())
+    assert data["schema"] == profiles.SCHEMA and {"vendor", "name", "type"} <= set(data["device"])
+    assert {"fl_patch", "torch", "triton", "flag_gems"} <= set(data["versions"]) and data["date"]
+    assert set(profile.families) == set(profiles.FAMILY_FORMS)
+    every_key = {f"{family}.{form}" for family, forms in profiles.FAMILY_FORMS.items() for form in forms}
+    assert set(profile.forms) == every_key
+    point = data["families"]["rms_norm"]["measurements"][0]
+    assert {"form", "shape", "elements", "dtype", "gems", "native", "noise", "native_path"} <= set(point)
+    assert {"device_us", "host_us"} <= set(point["gems"])
+    assert "rms_norm.hf" in result.stdout and str(out) in result.stdout
+
+
+def test_tune_quick_without_out_writes_a_temporary_file_not_the_cache(tmp_path):
+    result, _ = fl_patch_command("tune", "--quick", "--families", "swiglu", env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "fl_patch").exists()
+    written = result.stdout.splitlines()[0].rsplit("profile: ", 1)[1]
+    assert os.path.isfile(written) and "fl_patch_tune_" in written
+
+
 @pytest.mark.parametrize("args, message", [
     (("check", "--families", "rms_nrom"), "unknown family or form 'rms_nrom'; accepted: attention"),
     (("check", "--quick", "--kernels", "gems"), "--quick runs the reference kernels on the CPU"),
     (("check", "--device", "cpu"), "FlagGems' kernels need an accelerator"),
+    (("tune", "--budget-s", "0"), "--budget-s 0: give a number of seconds above 0"),
+    (("tune", "--device", "cpu"), "FlagGems' kernels need an accelerator"),
 ])
 def test_bad_arguments_exit_2_with_one_message(args, message):
     result, _ = fl_patch_command(*args)
@@ -180,6 +265,35 @@ def test_check_runs_the_gems_paths_and_records_what_they_do_not_take(gems_on_cpu
     assert norms and all(c["verdict"] == "pass" and c["grad"] == "checked" for c in norms)
     assert any(c["target"] == "fl_patch.kernels.rms_norm.native_hf" for c in cases)
     assert ("rms_norm",) in {tuple(call) for call in gems_on_cpu.calls}
+
+
+def test_tune_writes_to_the_user_cache_where_the_lookup_finds_it(gems_on_cpu, monkeypatch, tmp_path, capsys):
+    from fl_patch import devices, kernel_cases, profiles, tuning
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(kernel_cases, "pick_device", lambda name, cpu_allowed: torch.device("cpu"))
+    assert tuning.main(["--families", "swiglu,rms_norm.hf"]) == 0
+    device = devices.identify(torch.device("cpu"))
+    expected = profiles.cache_dir() / profiles.file_name(device.as_dict(), "5.0.2-fake")
+    assert str(expected).startswith(str(tmp_path / "fl_patch" / "profiles"))
+    found = profiles.find(device, None)
+    assert found.profile is not None and found.profile.path == str(expected) and found.profile.source == "user cache"
+    assert set(found.profile.forms) == {"swiglu.swiglu", "rms_norm.hf"}
+    assert found.profile.data["provider"] == "gems"
+    assert ("silu_and_mul",) in {tuple(call) for call in gems_on_cpu.calls}
+    assert "swiglu.swiglu" in capsys.readouterr().out
+
+
+def test_tune_budget_leaves_the_rest_not_measured(monkeypatch, tmp_path):
+    from fl_patch import profiles, tuning
+
+    clock = iter(range(0, 10_000, 100))  # every call to monotonic() is 100 s later
+    monkeypatch.setattr(tuning.time, "monotonic", lambda: next(clock))
+    out = tmp_path / "p.json"
+    assert tuning.main(["--quick", "--out", str(out), "--families", "swiglu,layer_norm", "--budget-s", "150"]) == 0
+    data = json.loads(out.read_text())
+    assert data["not_measured"] == ["layer_norm.layer_norm"] and set(data["families"]) == {"swiglu"}
+    profiles.parse(data, str(out), "test")
 
 
 def standin_flag_gems(cos_factor: float):
