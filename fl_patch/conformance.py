@@ -2,9 +2,9 @@
 
 What runs (``fl_patch.kernel_cases``): every form of every selected family (``--families``), each shape
 variant at each size of the grid (launch-bound to large: 2**12 to 2**23 elements of the deciding tensor on
-a device, 2**8 to 2**14 on the CPU; linear fewer, since FlagGems' GEMM autotunes per token count) in each
-dtype the provider takes (gems: bfloat16, float16; reference: float32, bfloat16). Per case, on the same
-inputs:
+a device, 2**8 to 2**14 on the CPU) in each dtype the provider takes (gems: bfloat16, float16; reference:
+float32, bfloat16). Linear runs at two sizes, and on a device in bfloat16 only: FlagGems' GEMM autotunes per
+token count (2.6 s each on an H200) and first per dtype (35 s). Per case, on the same inputs:
 
 - the provider's kernel (``<provider><suffix>``), only where ``unsupported<suffix>(provider, ...)`` returns
   None; a reason is recorded as ``not taken: <reason>`` and does not fail the run (the patched call would
@@ -155,7 +155,7 @@ class Check:
                     form_start, form_before = time.monotonic(), len(self.cases)
                     for variant in form.variants:
                         for elements in kernel_cases.grid(variant, self._sizes(form)):
-                            for dtype in self.dtypes:
+                            for dtype in self._dtypes(form):
                                 self._add(run_case(form, variant, self.provider, elements, dtype, self.device))
                     self._line(form.key, self.cases[form_before:], time.monotonic() - form_start)
                     self.write()
@@ -176,6 +176,11 @@ class Check:
               f"{counts['not taken']} not taken ({time.monotonic() - self.started:.1f} s)"
               + (f"; wrote {self.json_path}" if self.json_path else ""), flush=True)
         return 1 if counts["fail"] else 0
+
+    def _dtypes(self, form: Form) -> tuple[torch.dtype, ...]:
+        if self.device.type == "cpu" or form.device_dtypes is None:
+            return self.dtypes
+        return tuple(dtype for dtype in self.dtypes if dtype in form.device_dtypes)
 
     def _sizes(self, form: Form) -> tuple[int, ...]:
         if self.device.type == "cpu":

@@ -111,7 +111,8 @@ class Form:
     they may import transformers). sizes: the element counts this form runs at in place of a command's grid,
     by grid name (``check`` and ``tune`` on a device, ``cpu`` for both on the CPU), where every new size is
     expensive (FlagGems' GEMM autotunes per token count: 2.6 s each on an H200; a CPU multiplies 4096-wide
-    weights slowly)."""
+    weights slowly). device_dtypes: the only dtypes check runs on a device, where each dtype costs a long
+    first tuning (FlagGems' GEMM: 35 s per dtype on an H200, tests/gpu/results/kernels.json)."""
 
     key: str
     module: object
@@ -120,6 +121,7 @@ class Form:
     original: Callable[[], Named]
     native: Callable[[], Named]
     sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    device_dtypes: tuple[torch.dtype, ...] | None = None
 
     @property
     def family(self) -> str:
@@ -465,10 +467,10 @@ FORMS = (
          _named("F.scaled_dot_product_attention per sequence (LightX2V without flash-attn)", sdpa_per_sequence),
          _named("F.scaled_dot_product_attention per sequence (LightX2V without flash-attn)", sdpa_per_sequence)),
     Form("linear.linear", linear, "", (Variant("3-d x, no bias", _linear(in_out=False)),),
-         _torch_function("linear"), _torch_function("linear"), LINEAR_SIZES),
+         _torch_function("linear"), _torch_function("linear"), LINEAR_SIZES, (torch.bfloat16,)),
     Form("linear.in_out", linear, "_in_out", (Variant("2-d x, bias", _linear(in_out=True)),),
          _named("torch.addmm(bias, x, weight_t) (LightX2V's mm)", addmm_in_out),
-         _named("torch.addmm(bias, x, weight_t) (LightX2V's mm)", addmm_in_out), LINEAR_SIZES),
+         _named("torch.addmm(bias, x, weight_t) (LightX2V's mm)", addmm_in_out), LINEAR_SIZES, (torch.bfloat16,)),
 )
 BY_KEY = {form.key: form for form in FORMS}
 

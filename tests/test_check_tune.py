@@ -158,6 +158,18 @@ def test_tune_quick_without_out_writes_a_temporary_file_not_the_cache(tmp_path):
     assert os.path.isfile(written) and "fl_patch_tune_" in written
 
 
+def test_device_grid_keeps_linear_to_two_sizes_in_bfloat16():
+    from fl_patch import conformance, kernel_cases
+
+    forms = kernel_cases.select("linear,swiglu")
+    check = conformance.Check("gems", torch.device("cuda"), forms, None)  # builds on a CPU-only torch too
+    linear, swiglu = kernel_cases.BY_KEY["linear.linear"], kernel_cases.BY_KEY["swiglu.swiglu"]
+    assert check._dtypes(linear) == (torch.bfloat16,) and check._sizes(linear) == (1 << 12, 1 << 20)
+    assert check._dtypes(swiglu) == (torch.bfloat16, torch.float16) and check._sizes(swiglu) == conformance.DEVICE_SIZES
+    decode = kernel_cases.BY_KEY["attention.sdpa"].variants[1]
+    assert kernel_cases.grid(decode, conformance.DEVICE_SIZES) == [1 << 12, 1 << 16, 1 << 18]
+
+
 @pytest.mark.parametrize("args, message", [
     (("check", "--families", "rms_nrom"), "unknown family or form 'rms_nrom'; accepted: attention"),
     (("check", "--quick", "--kernels", "gems"), "--quick runs the reference kernels on the CPU"),
