@@ -423,6 +423,9 @@ def _torch_function(name: str) -> Callable[[], Named]:
 
 # Token counts 1, 16, 256, 4096 at width 4096; check's are a subset, so that tune after check on one machine
 # finds FlagGems' autotuning results cached on disk.
+# FORMS' order is the order check and tune run in: the cheap forms first, then those whose first calls tune
+# longest, GEMM (45 s on a fresh H200) before attention (25 s), so that the form running when tune's --budget-s
+# ends is a shorter one.
 LINEAR_SIZES = {"tune": (1 << 12, 1 << 16, 1 << 20, 1 << 24), "check": (1 << 12, 1 << 20), "cpu": (1 << 8, 1 << 10)}
 
 FORMS = (
@@ -457,6 +460,11 @@ FORMS = (
          (Variant("affine rows x 4096", _layer_norm(HIDDEN, True)),
           Variant("DiT rows x 1536, no affine", _layer_norm(DIT_HEADS * HEAD_DIM, False))),
          _torch_function("layer_norm"), _torch_function("layer_norm")),
+    Form("linear.linear", linear, "", (Variant("3-d x, no bias", _linear(in_out=False)),),
+         _torch_function("linear"), _torch_function("linear"), LINEAR_SIZES, (torch.bfloat16,)),
+    Form("linear.in_out", linear, "_in_out", (Variant("2-d x, bias", _linear(in_out=True)),),
+         _named("torch.addmm(bias, x, weight_t) (LightX2V's mm)", addmm_in_out),
+         _named("torch.addmm(bias, x, weight_t) (LightX2V's mm)", addmm_in_out), LINEAR_SIZES, (torch.bfloat16,)),
     Form("attention.sdpa", attention, "_sdpa",
          (Variant("causal GQA", _sdpa("causal")), Variant("decode GQA", _sdpa("decode"), 1 << 18),
           Variant("DiT", _sdpa("dit"), 1 << 24), Variant("masked", _sdpa("masked"), 1 << 22, tune=False)),
@@ -466,11 +474,6 @@ FORMS = (
          (Variant("one sequence", _varlen(1), 1 << 24), Variant("two sequences", _varlen(2), 1 << 22, tune=False)),
          _named("F.scaled_dot_product_attention per sequence (LightX2V without flash-attn)", sdpa_per_sequence),
          _named("F.scaled_dot_product_attention per sequence (LightX2V without flash-attn)", sdpa_per_sequence)),
-    Form("linear.linear", linear, "", (Variant("3-d x, no bias", _linear(in_out=False)),),
-         _torch_function("linear"), _torch_function("linear"), LINEAR_SIZES, (torch.bfloat16,)),
-    Form("linear.in_out", linear, "_in_out", (Variant("2-d x, bias", _linear(in_out=True)),),
-         _named("torch.addmm(bias, x, weight_t) (LightX2V's mm)", addmm_in_out),
-         _named("torch.addmm(bias, x, weight_t) (LightX2V's mm)", addmm_in_out), LINEAR_SIZES, (torch.bfloat16,)),
 )
 BY_KEY = {form.key: form for form in FORMS}
 
