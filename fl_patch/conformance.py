@@ -78,7 +78,8 @@ class UsageError(Exception):
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="fl-patch check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fl-patch check", description="Do fl_patch's kernels give the originals' "
+                                     "numbers on this device, and does revert restore every original?")
     parser.add_argument("--quick", action="store_true", help="the reference kernels on the CPU (CI: seconds)")
     parser.add_argument("--kernels", choices=PROVIDERS, default=None,
                         help="kernel provider (default gems; --quick: reference)")

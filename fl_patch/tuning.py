@@ -64,7 +64,8 @@ RULE = ("per form over its measured points sorted by elements: N = the smallest 
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="fl-patch tune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fl-patch tune", description="Time FlagGems against the native path per "
+                                     "kernel form and size on this device; write the device profile.")
     parser.add_argument("--quick", action="store_true", help="the reference kernels on the CPU: checks the harness")
     parser.add_argument("--out", type=Path, default=None, help="profile file (default: the user's profile cache)")
     parser.add_argument("--families", default="", help="comma list of families or keys (rms_norm, rope.hf, ...)")
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or _default_path(args.quick, info.as_dict(), found["flag_gems"])
     print(f"fl-patch tune: {info.label()}, {provider} against native, {dtype_name()}, budget {args.budget_s:g} s; "
           f"profile: {out}", flush=True)
+    print("  per form: its decision, then native time / gems time per size (above 1: FlagGems faster)", flush=True)
     with kernel_cases.cpu_threads(device):
         Tuner(device, provider, forms, args.budget_s, out, {"device": info.as_dict(), "versions": found}).run()
     return 0
@@ -173,7 +175,8 @@ class Side:
     @property
     def spread(self) -> float:
         values = self.per_call
-        return (max(values) - min(values)) / statistics.median(values)
+        median = statistics.median(values)
+        return (max(values) - min(values)) / median if median > 0 else 0.0
 
     def as_dict(self) -> dict:
         return {"us": round(self.us, 2), "device_us": round(statistics.median(self.device_us), 2),
