@@ -3,12 +3,14 @@
 ``fl-patch run -- CMD ARGS...`` runs CMD with the bootstrap directory first on PYTHONPATH, so CMD and
 every Python process it starts (torchrun workers, multiprocessing children) activate fl_patch with zero
 code changes. ``fl-patch status [--json]`` imports torch (and transformers, if installed), applies from
-the environment and prints the environment and every target with its state.
+the environment and prints the environment and every target with its state. ``fl-patch check`` and
+``fl-patch tune`` (their options: ``fl-patch check -h``) are fl_patch.conformance and fl_patch.tuning.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -133,6 +135,11 @@ def _route_words(entry: dict) -> str:
     return f"gems from {entry['min_elements']} elements" if entry["min_elements"] else "gems"
 
 
+# Commands whose module parses its own options (imported only when run: they import torch).
+DELEGATED = {"check": ("fl_patch.conformance", "conformance of fl_patch's kernels on this device"),
+             "tune": ("fl_patch.tuning", "measure FlagGems against native here and write a device profile")}
+
+
 def main(argv: list[str] | None = None) -> int:
     """The ``fl-patch`` command. Exit status: the command's, 2 for bad arguments or settings."""
     from fl_patch import _bootstrap
@@ -149,7 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command and its arguments")
     status_parser = commands.add_parser("status", help="show the environment and every target's state")
     status_parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    args = parser.parse_args(argv)
+    for name, (_, help_text) in DELEGATED.items():
+        commands.add_parser(name, help=help_text, add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command in DELEGATED:
+        import fl_patch
+
+        fl_patch.revert()  # they compare with the originals: no activation when their import brings torch in
+        return importlib.import_module(DELEGATED[args.command][0]).main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "run":
         command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         return run(command)

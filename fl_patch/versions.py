@@ -44,3 +44,16 @@ def check(requirement: str) -> str | None:
         "==": release(have) == release(wanted),
     }[op]
     return None if ok else f"needs {requirement}, found {name} {have}"
+
+
+def stack_versions() -> dict[str, str | None]:
+    """The versions a device profile or conformance report records: fl_patch, torch, triton, flag_gems and
+    transformers, from the installed distributions, else the loaded module's ``__version__`` (a checkout on
+    PYTHONPATH has no distribution); None: neither."""
+    import sys
+
+    found = {}
+    for name, distribution in (("fl_patch", "fl_patch"), ("torch", "torch"), ("triton", "triton"),
+                               ("flag_gems", "flag-gems"), ("transformers", "transformers")):
+        found[name] = installed_version(distribution) or getattr(sys.modules.get(name), "__version__", None)
+    return found

@@ -1,0 +1,396 @@
+"""``fl-patch tune``: at which sizes FlagGems beats the native path on this device, written as a device profile.
+
+What is timed (``fl_patch.kernel_cases``): for every form of the selected families (``--families``), its
+tuned variants at 2**12, 2**14, ..., 2**26 elements of the deciding tensor (the routing unit; capped per
+variant, linear at 4 sizes since FlagGems' GEMM autotunes per token count), in bfloat16: FlagGems' kernel
+(``gems<suffix>``, called directly, no routing) and the native path fl_patch runs instead (torch's fused
+rms_norm for HF / fp32 / gated RMSNorm, else the original it replaces). Each is warmed up (its first call is
+timed on its own: FlagGems autotunes and compiles at a new shape, seconds), then timed ``repeats`` times,
+the two alternating: a loop of ``n`` back-to-back calls (``n`` so that a loop lasts about 3 ms) between two
+device events with no synchronisation inside, so that a call whose host work outlasts its kernel shows its
+host cost, and the same loop on the host clock (until the last call returns, before synchronising). Per
+repeat the time per call is ``max(device, host)``; a point's time is the median over repeats and its noise
+``max(3%, (max - min) / median)`` of either side. Devices whose torch module has no events (the CPU) use the
+wall time of the loop, synchronised.
+
+Decision rule (:func:`decide`), per form, over its measured points sorted by elements: N is the smallest
+measured size at which FlagGems is faster and at every measured size from N on FlagGems <= native x (1 +
+noise). N at the smallest measured size: ``route: gems, min_elements: 0``; another N: ``route: gems,
+min_elements: N`` (calls with fewer elements go native); no N: ``route: native``. So the patched call is
+never slower than native by more than noise at a measured size. The family's own entry, which applies to its
+forms not listed, is the most conservative of its measured forms (native if one is, else the largest N).
+
+``--budget-s``: no new form starts after it; the forms left are listed as not measured (a family with no
+measured form is absent: FlagGems everywhere, as without a profile). The profile (``fl_patch.profiles``
+format, with every measurement) is rewritten after each form: ``--out PATH``, by default the user's cache
+(``profiles.cache_dir()``, named by ``profiles.file_name``); ``--quick`` (the reference kernels on the CPU,
+seconds: it checks the harness) writes to a new temporary folder unless ``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import fl_patch
+from fl_patch import devices, kernel_cases, profiles
+from fl_patch.kernel_cases import Form, size_label
+from fl_patch.versions import stack_versions
+
+DEVICE_SIZES = tuple(1 << exponent for exponent in range(12, 27, 2))
+CPU_SIZES = (1 << 8, 1 << 10, 1 << 12)
+DTYPE = torch.bfloat16
+NOISE_FLOOR = 0.03
+LOOP_S = {"device": 0.003, "cpu": 0.0005}
+REPEATS = {"device": 5, "cpu": 3}
+MIN_CALLS, MAX_CALLS = 3, 200
+# Of the 3 minutes an H200 run may take: start-up (8 s) and the form running when the budget ends (attention:
+# ~25 s with its first tuning) fit in the rest.
+BUDGET_S = 130.0
+RULE = ("per form over its measured points sorted by elements: N = the smallest measured size where FlagGems is "
+        "faster and gems <= native x (1 + noise) at every measured size from N on; N at the smallest size -> "
+        "route gems, min_elements 0; else route gems, min_elements N; no such N -> route native. Time per call = "
+        "max(device-event time, host time) of a loop of back-to-back calls, median of the repeats; noise = max(3%, "
+        "(max - min) / median of either side). A family's own entry is the most conservative of its forms.")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fl-patch tune", description="Time FlagGems against the native path per "
+                                     "kernel form and size on this device; write the device profile.")
+    parser.add_argument("--quick", action="store_true", help="the reference kernels on the CPU: checks the harness")
+    parser.add_argument("--out", type=Path, default=None, help="profile file (default: the user's profile cache)")
+    parser.add_argument("--families", default="", help="comma list of families or keys (rms_norm, rope.hf, ...)")
+    parser.add_argument("--budget-s", type=float, default=BUDGET_S, help="start no new form after this many seconds")
+    parser.add_argument("--device", default=None, help="torch device (default: the first accelerator found)")
+    args = parser.parse_args(argv)
+    if args.budget_s <= 0:
+        parser.error(f"--budget-s {args.budget_s:g}: give a number of seconds above 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure, decide and write the profile; 0 when written, 2 for bad arguments or no usable FlagGems."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    fl_patch.revert()  # time the originals, even under the bootstrap
+    try:
+        forms = kernel_cases.select(args.families)
+        device = torch.device("cpu") if args.quick else kernel_cases.pick_device(args.device, cpu_allowed=False)
+        provider = "reference" if args.quick else "gems"
+        if provider == "gems":
+            _load_gems()
+    except ValueError as exc:
+        print(f"fl-patch tune: {exc}", file=sys.stderr)
+        return 2
+    info = devices.identify(device)
+    found = stack_versions()
+    out = args.out or _default_path(args.quick, info.as_dict(), found["flag_gems"])
+    print(f"fl-patch tune: {info.label()}, {provider} against native, {dtype_name()}, budget {args.budget_s:g} s; "
+          f"profile: {out}", flush=True)
+    print("  per form: its decision, then native time / gems time per size (above 1: FlagGems faster)", flush=True)
+    with kernel_cases.cpu_threads(device):
+        Tuner(device, provider, forms, args.budget_s, out, {"device": info.as_dict(), "versions": found}).run()
+    return 0
+
+
+def _load_gems() -> None:
+    from fl_patch.kernels import gems
+
+    try:
+        gems.load()
+    except gems.GemsUnavailable as exc:
+        raise ValueError(f"FlagGems can't be used here: {exc}") from None
+
+
+def _default_path(quick: bool, device: dict, flag_gems_version: str | None) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="fl_patch_tune_")) if quick else profiles.cache_dir()
+    return folder / profiles.file_name(device, flag_gems_version)
+
+
+def dtype_name() -> str:
+    return str(DTYPE).removeprefix("torch.")
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+class Clock:
+    """Synchronisation and device events through torch's module for the device type (``torch.cuda``,
+    ``torch.npu``, ``torch.mlu``, ...); without events, wall time around a synchronised loop."""
+
+    def __init__(self, device: torch.device):
+        backend = None if device.type == "cpu" else getattr(torch, device.type, None)
+        self._synchronize = getattr(backend, "synchronize", None)
+        self._event = getattr(backend, "Event", None)
+
+    def synchronize(self) -> None:
+        if self._synchronize is not None:
+            self._synchronize()
+
+    def loop(self, function, calls: int) -> tuple[float, float]:
+        """(device, host) seconds per call over `calls` back-to-back calls, no synchronisation inside."""
+        self.synchronize()
+        start = end = None
+        if self._event is not None:
+            start, end = self._event(enable_timing=True), self._event(enable_timing=True)
+            start.record()
+        began = time.perf_counter()
+        for _ in range(calls):
+            function()
+        host = time.perf_counter() - began
+        if end is None:
+            self.synchronize()
+            device = time.perf_counter() - began
+        else:
+            end.record()
+            end.synchronize()
+            device = start.elapsed_time(end) / 1000
+        return device / calls, host / calls
+
+
+@dataclass
+class Side:
+    """One function's timings at one point, in microseconds per call."""
+
+    first_call_ms: float
+    device_us: list[float]
+    host_us: list[float]
+
+    @property
+    def per_call(self) -> list[float]:
+        return [max(d, h) for d, h in zip(self.device_us, self.host_us, strict=True)]
+
+    @property
+    def us(self) -> float:
+        return statistics.median(self.per_call)
+
+    @property
+    def spread(self) -> float:
+        values = self.per_call
+        median = statistics.median(values)
+        return (max(values) - min(values)) / median if median > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"us": round(self.us, 2), "device_us": round(statistics.median(self.device_us), 2),
+                "host_us": round(statistics.median(self.host_us), 2), "spread": round(self.spread, 4),
+                "first_call_ms": round(self.first_call_ms, 2)}
+
+
+def time_pair(clock: Clock, functions: dict, repeats: int, loop_s: float) -> dict[str, Side]:
+    """Warm up and time each function of `functions` (name -> zero-argument callable), alternating them."""
+    calls, sides = {}, {}
+    for name, function in functions.items():
+        clock.synchronize()
+        began = time.perf_counter()
+        function()
+        clock.synchronize()
+        first_ms = (time.perf_counter() - began) * 1000
+        function()
+        estimate = max(clock.loop(function, MIN_CALLS))
+        calls[name] = int(min(MAX_CALLS, max(MIN_CALLS, loop_s / max(estimate, 1e-9))))
+        sides[name] = Side(first_ms, [], [])
+    names = list(functions)
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else reversed(names):
+            device, host = clock.loop(functions[name], calls[name])
+            sides[name].device_us.append(device * 1e6)
+            sides[name].host_us.append(host * 1e6)
+    return sides
+
+
+# ---------------------------------------------------------------------------------------------- decision
+
+
+def decide(points: list[dict]) -> dict:
+    """The decision for one form from its points (each with ``elements``, ``gems_us``, ``native_us``,
+    ``noise``), by the rule of the module docstring: ``{"route", "min_elements", "why"}``."""
+    if not points:
+        raise ValueError("decide() needs at least one measured point")
+    ordered = sorted(points, key=lambda p: p["elements"])
+    smallest, largest = ordered[0]["elements"], ordered[-1]["elements"]
+
+    def within(point: dict) -> bool:
+        return point["gems_us"] <= point["native_us"] * (1 + point["noise"])
+
+    for point in ordered:
+        above = [p for p in ordered if p["elements"] >= point["elements"]]
+        if point["gems_us"] < point["native_us"] and all(within(p) for p in above):
+            threshold = point["elements"]
+            break
+    else:
+        slower = list(dict.fromkeys(size_label(p["elements"]) for p in ordered if not within(p)))
+        detail = f"slower than native beyond noise at {', '.join(slower)}" if slower else "never faster than native"
+        return {"route": "native", "min_elements": 0,
+                "why": f"no measured size from which FlagGems is faster and stays within noise of native at every "
+                       f"larger one ({detail}; measured {size_label(smallest)}..{size_label(largest)} elements)"}
+    if threshold == smallest:
+        return {"route": "gems", "min_elements": 0,
+                "why": f"FlagGems is faster at the smallest measured size ({size_label(smallest)} elements) and "
+                       f"within noise of native or faster at every larger one up to {size_label(largest)}"}
+    return {"route": "gems", "min_elements": threshold,
+            "why": f"native below {threshold} elements; from {size_label(threshold)} on FlagGems is faster, and within "
+                   f"noise of native or faster at every larger measured size up to {size_label(largest)}"}
+
+
+def family_decision(forms: dict[str, dict]) -> dict:
+    """The most conservative of a family's form decisions: native if any is, else the largest threshold. It
+    applies to the family's forms the profile doesn't list."""
+    natives = [form for form, decision in forms.items() if decision["route"] == "native"]
+    if natives:
+        return {"route": "native", "min_elements": 0,
+                "why": f"the most conservative of its measured forms: native, as {', '.join(natives)}"}
+    form, decision = max(forms.items(), key=lambda item: item[1]["min_elements"])
+    where = f"from {decision['min_elements']} elements, as {form}" if decision["min_elements"] else "at every size"
+    return {"route": "gems", "min_elements": decision["min_elements"],
+            "why": f"the most conservative of its measured forms: gems {where}"}
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+class Tuner:
+    """One run: measures form after form, decides, and rewrites the profile after each."""
+
+    def __init__(self, device: torch.device, provider: str, forms: list[Form], budget_s: float, out: Path,
+                 identity: dict):
+        self.device, self.provider, self.forms, self.budget_s, self.out = device, provider, forms, budget_s, out
+        self.mode = "cpu" if device.type == "cpu" else "device"
+        self.clock = Clock(device)
+        self.identity = identity
+        self.started = time.monotonic()
+        self.measurements: dict[str, list[dict]] = {}  # key -> points
+        self.decisions: dict[str, dict] = {}  # key -> decision
+        self.not_measured: list[str] = []
+
+    def run(self) -> None:
+        with kernel_cases.every_size_on_gems(), torch.no_grad():
+            for form in self.forms:
+                if time.monotonic() - self.started > self.budget_s:
+                    self.not_measured.append(form.key)
+                    continue
+                began = time.monotonic()
+                self.measure(form)
+                self.report_form(form, time.monotonic() - began)
+                self.write()
+        if self.not_measured:
+            print(f"  budget of {self.budget_s:g} s spent: not measured {', '.join(self.not_measured)} (their families "
+                  "take their measured forms' decision; a family with none is absent: FlagGems at every size)")
+        self.write()
+        self.print_table()
+
+    def sizes(self, form: Form) -> tuple[int, ...]:
+        if self.mode == "cpu":
+            return form.sizes.get("cpu", CPU_SIZES)
+        return form.sizes.get("tune", DEVICE_SIZES)
+
+    def measure(self, form: Form) -> None:
+        gems_path, native_path = form.kernel(self.provider), form.native()
+        points = []
+        for variant in (v for v in form.variants if v.tune):
+            for elements in kernel_cases.grid(variant, self.sizes(form)):
+                torch.manual_seed(elements)
+                inputs = variant.build(elements, DTYPE, self.device)
+                point = {"form": form.form, "variant": variant.name, "shape": inputs.shape,
+                         "elements": inputs.deciding.numel(), "dtype": dtype_name(), "gems_path": gems_path.name,
+                         "native_path": native_path.name}
+                reason = form.unsupported(self.provider, inputs)
+                if reason is not None:
+                    point["not_taken"] = reason
+                else:
+                    point.update(self._timed(gems_path.function, native_path.function, inputs.args))
+                points.append(point)
+                del inputs
+        self.measurements[form.key] = points
+        measured = [p for p in points if "gems_us" in p]
+        if measured:
+            self.decisions[form.key] = decide(measured)
+        else:
+            self.not_measured.append(form.key)
+
+    def _timed(self, gems_function, native_function, args: tuple) -> dict:
+        functions = {"gems": lambda: gems_function(*args), "native": lambda: native_function(*args)}
+        try:
+            sides = time_pair(self.clock, functions, REPEATS[self.mode], LOOP_S[self.mode])
+        except Exception as exc:  # one side failed at this size: time the other, count the failed one as slowest
+            return self._one_failed(functions, exc)
+        noise = max(NOISE_FLOOR, sides["gems"].spread, sides["native"].spread)
+        return {"gems": sides["gems"].as_dict(), "native": sides["native"].as_dict(), "gems_us": sides["gems"].us,
+                "native_us": sides["native"].us, "noise": round(noise, 4)}
+
+    def _one_failed(self, functions: dict, exc: Exception) -> dict:
+        result = {"noise": NOISE_FLOOR}
+        for name, function in functions.items():
+            try:
+                side = time_pair(self.clock, {name: function}, REPEATS[self.mode], LOOP_S[self.mode])[name]
+                result[name], result[f"{name}_us"] = side.as_dict(), side.us
+            except Exception as side_exc:  # this side is the one that fails
+                result[f"{name}_error"] = f"{type(side_exc).__name__}: {str(side_exc).strip()[:200]}"
+                result[f"{name}_us"] = math.inf
+        result.setdefault("error", f"{type(exc).__name__}: {str(exc).strip()[:200]}")
+        return result
+
+    def report_form(self, form: Form, seconds: float) -> None:
+        decision = self.decisions.get(form.key)
+        verdict = _route(decision) if decision else "not measured (no size taken)"
+        print(f"  {form.key:<22} {verdict:<22} {seconds:5.1f} s", flush=True)
+        for variant in dict.fromkeys(p["variant"] for p in self.measurements[form.key]):
+            ratios = [f"{size_label(p['elements'])} {_ratio(p)}" for p in self.measurements[form.key]
+                      if p["variant"] == variant]
+            print(f"      native/gems  {variant}: {', '.join(ratios)}", flush=True)
+
+    def profile(self) -> dict:
+        families = {}
+        for family in dict.fromkeys(form.family for form in self.forms):
+            keys = [form.key for form in self.forms if form.family == family and form.key in self.decisions]
+            if not keys:
+                continue
+            forms = {key.split(".", 1)[1]: self.decisions[key] for key in keys}
+            points = [point for key in keys for point in self.measurements[key]]
+            families[family] = {**family_decision(forms), "forms": forms, "measurements": _json_ready(points)}
+        return {"schema": profiles.SCHEMA, "kind": profiles.KIND, **self.identity,
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "provider": self.provider, "dtype": dtype_name(), "rule": RULE,
+                "settings": {"repeats": REPEATS[self.mode], "loop_s": LOOP_S[self.mode], "noise_floor": NOISE_FLOOR,
+                             "budget_s": self.budget_s},
+                "not_measured": self.not_measured, "elapsed_s": round(time.monotonic() - self.started, 1),
+                "families": families}
+
+    def write(self) -> None:
+        profiles.write(self.profile(), self.out)
+
+    def print_table(self) -> None:
+        data = self.profile()
+        print(f"fl-patch tune: {len(self.decisions)} forms measured in {data['elapsed_s']} s; wrote {self.out}")
+        for family, entry in data["families"].items():
+            forms = ", ".join(f"{form} {_route(decision)}" for form, decision in entry["forms"].items())
+            print(f"  {family:<11} {_route(entry):<22} ({forms})")
+
+
+def _route(decision: dict) -> str:
+    if decision["route"] == "native":
+        return "native"
+    return "gems" if not decision["min_elements"] else f"gems >= {decision['min_elements']}"
+
+
+def _ratio(point: dict) -> str:
+    if "not_taken" in point:
+        return f"not taken ({point['not_taken']})"
+    gems_us, native_us = point["gems_us"], point["native_us"]
+    return "gems failed" if math.isinf(gems_us) else f"{native_us / gems_us:.2f}"
+
+
+def _json_ready(points: list[dict]) -> list[dict]:
+    """Points with floats rounded and infinities (a failed side) as null."""
+    ready = []
+    for point in points:
+        ready.append({k: (None if isinstance(v, float) and math.isinf(v) else round(v, 4) if isinstance(v, float)
+                          else v) for k, v in point.items()})
+    return ready
