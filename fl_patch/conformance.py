@@ -149,18 +149,17 @@ class Check:
               f"{', '.join(dtype_name(d) for d in self.dtypes)}", flush=True)
         print(f"  rule: {TOLERANCE_RULE}", flush=True)
         print(f"  {'key':<22} {'cases':>5} {'pass':>5} {'fail':>5} {'not taken':>9}  {'worst err/tol':>13}  seconds")
-        with kernel_cases.every_size_on_gems():
-            for family in dict.fromkeys(form.family for form in self.forms):
-                family_start, before = time.monotonic(), len(self.cases)
-                for form in (f for f in self.forms if f.family == family):
-                    form_start, form_before = time.monotonic(), len(self.cases)
-                    for variant in form.variants:
-                        for elements in kernel_cases.grid(variant, self._sizes(form)):
-                            for dtype in self._dtypes(form):
-                                self._add(run_case(form, variant, self.provider, elements, dtype, self.device))
-                    self._line(form.key, self.cases[form_before:], time.monotonic() - form_start)
-                    self.write()
-                self._line(f"[{family}]", self.cases[before:], time.monotonic() - family_start)
+        for family in dict.fromkeys(form.family for form in self.forms):
+            family_start, before = time.monotonic(), len(self.cases)
+            for form in (f for f in self.forms if f.family == family):
+                form_start, form_before = time.monotonic(), len(self.cases)
+                for variant in form.variants:
+                    for elements in kernel_cases.grid(variant, self._sizes(form)):
+                        for dtype in self._dtypes(form):
+                            self._add(run_case(form, variant, self.provider, elements, dtype, self.device))
+                self._line(form.key, self.cases[form_before:], time.monotonic() - form_start)
+                self.write()
+            self._line(f"[{family}]", self.cases[before:], time.monotonic() - family_start)
         began, before = time.monotonic(), len(self.cases)
         self._add(revert_identity(self.provider, sorted({form.family for form in self.forms})))
         self._line("[revert identity]", self.cases[before:], time.monotonic() - began)

@@ -36,11 +36,20 @@ def _device() -> str:
 
 def first_device():
     """A ``torch.device`` of the first accelerator type torch reports available (``cuda`` first, then the other
-    vendors' types of fl_patch.devices.VENDORS), or None for a CPU-only machine."""
+    vendors' types of fl_patch.devices.VENDORS, whose installed torch extension is imported first: ``torch_npu``
+    adds ``torch.npu``), or None for a CPU-only machine."""
+    import contextlib
+    import importlib
+
     import torch
 
     from fl_patch import devices
 
+    for vendor in devices.VENDORS:
+        for module in vendor.modules:
+            if module not in sys.modules and importlib.util.find_spec(module) is not None:
+                with contextlib.suppress(Exception):  # a broken vendor extension: that device type is absent
+                    importlib.import_module(module)
     for kind in dict.fromkeys(vendor.device_type for vendor in devices.VENDORS):
         module = getattr(torch, kind, None)
         try:

@@ -13,8 +13,8 @@ recorded is the actual count. ``max_elements`` caps a variant where larger input
 decode batch) or too slow to time; ``tune=False`` marks variants only check runs (masked sdpa: fl_patch
 routes masked calls to the original, and FlagGems retunes its masked kernel for every key length).
 
-Also here: the device both commands run on (:func:`pick_device`) and :func:`every_size_on_gems`, which lifts
-fl_patch's small-input rule while a command calls the FlagGems paths at every size.
+Also here: the device both commands run on (:func:`pick_device`). Both call the kernels directly, so the device
+profile's routing (fl_patch.routing, which sits in front of the kernels in patched places) plays no part.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import contextlib
 import importlib
 import importlib.util
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -519,34 +518,15 @@ def pick_device(name: str | None, cpu_allowed: bool) -> torch.device:
         if device.type == "cpu" and not cpu_allowed:
             raise ValueError(f"--device {name}: FlagGems' kernels need an accelerator. " + CPU_HINT)
         return device
-    kinds = list(dict.fromkeys(vendor.device_type for vendor in devices.VENDORS))
-    for vendor in devices.VENDORS:
-        for module in vendor.modules:
-            if module not in sys.modules and importlib.util.find_spec(module) is not None:
-                with contextlib.suppress(Exception):  # a broken vendor extension: that device type is absent
-                    importlib.import_module(module)
-    for kind in kinds:
-        backend = getattr(torch, kind, None)
-        with contextlib.suppress(Exception):
-            if backend is not None and backend.is_available():
-                return torch.device(kind, 0)
+    from fl_patch import environment
+
+    device = environment.first_device()
+    if device is not None:
+        return device
     if cpu_allowed:
         return torch.device("cpu")
-    raise ValueError(f"no accelerator found (looked for {', '.join(kinds)}); FlagGems' kernels need one. " + CPU_HINT)
-
-
-@contextlib.contextmanager
-def every_size_on_gems():
-    """Inside the block the gems paths take calls of every size: fl_patch's small-input rule (calls below
-    ``fl_patch.performance``'s size stay native on some vendors) is what tune measures, not obeys."""
-    from fl_patch.kernels import gems
-
-    saved = gems.small_input_elements
-    gems.small_input_elements = lambda: 0
-    try:
-        yield
-    finally:
-        gems.small_input_elements = saved
+    kinds = ", ".join(dict.fromkeys(vendor.device_type for vendor in devices.VENDORS))
+    raise ValueError(f"no accelerator found (looked for {kinds}); FlagGems' kernels need one. " + CPU_HINT)
 
 
 @contextlib.contextmanager
