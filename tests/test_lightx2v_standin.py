@@ -698,3 +698,84 @@ def test_quant_loaders_auto_quantise_a_float_weight_when_the_config_asks(key):
     error = (mm.weight.float() * mm.weight_scale - weight).abs()
     bound = 0.5 * mm.weight_scale if key == "int8-triton" else weight.abs() / 16 + mm.weight_scale / 512
     assert (error <= bound * 1.0001).all()  # half a step of int8, or of e4m3's 3-bit mantissa (subnormals)
+
+
+# --------------------------------------------------------------------------- the Wan model
+
+
+def build_wan(tmp_path, keys, quantize=None, **extra):
+    """A tiny Wan2.1 built by WanModel from a random checkpoint file (tests/lightx2v_wan.py), with a scheduler
+    prepared and at step 0; returns (model, scheduler, text_encoder_output)."""
+    import lightx2v_wan
+
+    importlib.import_module("lightx2v")
+    from lightx2v.models.networks.wan.model import WanModel
+    from lightx2v.models.schedulers.wan.scheduler import WanScheduler
+    from safetensors.torch import save_file
+
+    tensors = lightx2v_wan.checkpoint("tiny")
+    path = tmp_path / (quantize or "bf16")
+    path.mkdir(exist_ok=True)
+    save_file(lightx2v_wan.quantized(tensors, quantize) if quantize else tensors, str(path / "model.safetensors"))
+    config = lightx2v_wan.lightx2v_config("tiny", keys, **extra)
+    model = WanModel(str(path), config, torch.device("cpu"))
+    model.to_cuda()
+    scheduler = WanScheduler(config)
+    model.set_scheduler(scheduler)
+    latent_shape, text = lightx2v_wan.inputs("tiny", frames=3, height=8, width=6)
+    scheduler.prepare(seed=0, latent_shape=latent_shape)
+    scheduler.step_pre(0)
+    return model, scheduler, {"text_encoder_output": text}
+
+
+def test_wan_model_builds_its_ops_from_the_config_keys_and_runs_a_denoising_step(tmp_path):
+    import lightx2v_wan
+
+    reg = registries()
+    model, scheduler, inputs = build_wan(tmp_path, lightx2v_wan.NATIVE_KEYS)
+    block = model.transformer_weights.blocks[1]
+    self_attn, cross_attn, ffn = block.compute_phases
+    assert type(self_attn.self_attn_1) is reg.ATTN_WEIGHT_REGISTER["torch_sdpa"]
+    assert type(self_attn.self_attn_norm_q) is reg.RMS_WEIGHT_REGISTER["torch"]
+    assert type(self_attn.rope) is reg.ROPE_REGISTER["torch_complex_rope"]
+    assert type(cross_attn.norm3) is reg.LN_WEIGHT_REGISTER["torch"] and cross_attn.norm3.weight.shape == (64,)
+    assert type(ffn.ffn_0) is reg.MM_WEIGHT_REGISTER["Default"] and ffn.ffn_0.weight.shape == (64, 128)
+    assert self_attn.self_attn_q.weight_name == "blocks.1.self_attn.q.weight"
+    assert self_attn.modulation.tensor.shape == (1, 6, 64)
+    before = scheduler.latents.clone()
+    model.infer(inputs)
+    assert scheduler.noise_pred.shape == (4, 3, 8, 6) and scheduler.noise_pred.dtype == torch.float32
+    assert torch.isfinite(scheduler.noise_pred).all()
+    scheduler.step_post()
+    assert scheduler.latents.dtype == torch.float32 and not torch.equal(scheduler.latents, before.float())
+    with pytest.raises(NotImplementedError, match="first step only"):
+        scheduler.step_post()
+
+
+def test_wan_model_quant_schemes_need_dit_quantized_and_a_listed_scheme(tmp_path):
+    import lightx2v_wan
+
+    keys = dict(lightx2v_wan.NATIVE_KEYS, dit_quant_scheme="fp8-triton")
+    with pytest.raises(AssertionError):  # WanTransformerWeights asserts dit_quantized for a non-Default scheme
+        build_wan(tmp_path, keys, quantize="fp8", dit_quantized=False)
+    with pytest.raises(AssertionError):  # _check_dit_quantized: not one of upstream's schemes
+        build_wan(tmp_path, dict(keys, dit_quant_scheme="my-fp8"), quantize="fp8")
+
+
+@pytest.mark.parametrize("scheme, quantize", [("fp8-triton", "fp8"), ("int8-triton", "int8")])
+def test_wan_model_runs_a_quantized_checkpoint_close_to_the_bf16_one(tmp_path, scheme, quantize):
+    import lightx2v_wan
+
+    model, scheduler, inputs = build_wan(tmp_path, dict(lightx2v_wan.NATIVE_KEYS, dit_quant_scheme=scheme),
+                                         quantize=quantize)
+    q = model.transformer_weights.blocks[0].compute_phases[0].self_attn_q
+    assert q.weight.dtype == (torch.float8_e4m3fn if quantize == "fp8" else torch.int8)
+    assert q.weight_scale.dtype == torch.bfloat16  # the float scale went through the loader's dtype cast
+    head = model.transformer_weights.head
+    assert head.weight.dtype == torch.bfloat16  # the head stays Default
+    model.infer(inputs)
+    quantized = scheduler.noise_pred
+    model, scheduler, inputs = build_wan(tmp_path, lightx2v_wan.NATIVE_KEYS)
+    model.infer(inputs)
+    relative = (quantized - scheduler.noise_pred).norm() / scheduler.noise_pred.norm()
+    assert relative < 0.1
