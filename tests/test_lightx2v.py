@@ -582,6 +582,47 @@ def test_gpu_script_dry_run_on_the_standin(tmp_path):
                                                 "rope torch_complex_rope", "linear Default", "rms_norm flagos_rms_norm"}
 
 
+def check_quant_script_result(data, kernels):
+    assert data["complete"] and data["summary"]["pass"], (data["errors"], data["skipped"], data["summary"])
+    assert data["kernels"] == kernels and data["platform"] == "flagos" and data["ai_device"] == "cpu"
+    assert [case["gemm"] for case in data["gemm"]] == ["attn q/k/v/o, cross q/o", "cross k/v (text)", "ffn.0", "ffn.2"]
+    for case in data["gemm"]:
+        assert set(case["ms"]) == set(case["accuracy"]["structured"]) == {
+            "Default", "fp8-triton", "flagos-fp8", "int8-triton", "flagos-int8"}
+        assert case["within_lightx2v_error"] and not case["fallbacks"] and not case["errors"]
+    variants = {v["variant"]: v for v in data["e2e"]["variants"]}
+    assert list(variants) == ["native", "fp8-triton", "int8-triton", "flagos", "flagos-fp8", "flagos-int8"]
+    assert variants["flagos-int8"]["classes"] == {
+        "self_attn_1": "FlagOSFlashAttnWeight", "rms_norm": "FlagOSRmsNormWeight", "rope": "FlagOSRope",
+        "layer_norm": "FlagOSLayerNormWeight", "ffn_0": "FlagOSInt8MMWeight"}
+    assert variants["native"]["classes"]["ffn_0"] == "MMWeight" and variants["native"]["noise_rel_diff"] == 0
+    assert variants["flagos"]["noise_rel_diff"] < 0.02  # bf16: the same math as the native keys
+    assert data["upstream_facts"]["int8_quantize_triton"]["equals_truncation"]
+
+
+def test_quant_gpu_script_dry_run_on_the_standin(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "tests/gpu/lightx2v_quant_gpu.py"), "--dry-run", "--reps", "1",
+                             "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=180, cwd=str(REPO))
+    assert result.returncode == 0, result.stdout + result.stderr
+    check_quant_script_result(json.loads((tmp_path / "lightx2v-quant.json").read_text()), "reference")
+
+
+def test_quant_gpu_script_gems_paths_through_the_fake_flaggems(tmp_path):
+    code = ("import sys\n"
+            "from fl_patch.kernels import gems, quant_linear\n"
+            "gems.device_reason = lambda tensor: None\n"
+            "quant_linear._chip_reason = lambda tensor: None\n"
+            "sys.path.insert(0, 'tests/gpu')\n"
+            "import lightx2v_quant_gpu\n"
+            f"sys.exit(lightx2v_quant_gpu.main(['--dry-run', '--kernels', 'gems', '--reps', '1', '--out-dir', "
+            f"{str(tmp_path)!r}]))\n")
+    result = run_python(code, bootstrap=False, extra_path=[REPO / "tests" / "fake_flag_gems"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads((tmp_path / "lightx2v-quant.json").read_text())
+    check_quant_script_result(data, "gems")
+    assert data["versions"]["flag_gems"] is None or "fake" in str(data["versions"]["flag_gems"])
+
+
 def test_example_runs_quick_on_the_standin():
     result = subprocess.run([sys.executable, str(REPO / "examples/lightx2v/run_ops.py"), "--quick"],
                             capture_output=True, text=True, timeout=120, cwd=str(REPO))
@@ -780,6 +821,7 @@ def structured(out_features, in_features, tokens, seed):
 def test_quant_keys_are_as_close_to_default_as_lightx2v_own_schemes(key, kind):
     reg = load()
     peer, dtype = QUANT_KEYS[key]
+    torch.manual_seed(0)
     if kind == "random":
         weight, x = (torch.randn(128, 256) / 16).to(torch.bfloat16), bf16(64, 256)
     else:
