@@ -123,8 +123,9 @@ def _tensor_reason(provider: str, x: torch.Tensor, form: str) -> str | None:
     """gems' per-call tensor check (torch.compile, device, dtype, empty), the one place this module calls it;
     ``ROUTING_KEYS[form]`` names the call for per-form routing.
 
-    A small input is no reason here: the alternative to the kernel is not a native op but the dequantised
-    fp32 reference, slower than the kernel at any size (figures in tests/gpu/results/lightx2v-quant.json)."""
+    A small input is no reason here: the alternative to the kernel is not a native op but the dequantised fp32
+    reference (an fp32 copy of the weight and an fp32 GEMM per call); tests/gpu/lightx2v_quant_gpu.py times
+    both at Wan's 512-token text GEMMs (``reference_ms``)."""
     if provider != "gems":
         return None
     reason = _gems.tensor_reason(x)
