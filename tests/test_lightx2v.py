@@ -13,6 +13,7 @@ import importlib
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -137,7 +138,7 @@ def test_every_row_patches_whichever_module_is_imported_first(first):
     reg = load(first=first)
     states = {r["where"]: r["state"] for r in lightx2v_records()}
     assert not [w for w, s in states.items() if s in ("failed", "waiting")], states
-    assert sum(s == "patched" for s in states.values()) == 24
+    assert sum(s == "patched" for s in states.values()) == 27  # 19 applies, 5 flagos* keys, flagos-fp8/int8, the check
     assert reg.RMS_WEIGHT_REGISTER["chip_rms"] is ChipRms  # the copy was not taken early
     for registry, key in FLAGOS_KEYS.items():
         assert getattr(reg, registry)[key].__module__ == "fl_patch.integrations.lightx2v"
@@ -485,7 +486,9 @@ def test_default_mm_keeps_its_2d_contract():
 
 def test_gems_path_runs_every_family_and_counts_fp32_fallbacks(fake_gems):
     reg = load(kernels="gems")
-    assert {r["provider"] for r in lightx2v_records() if r["state"] == "patched"} == {"flag_gems"}
+    kernel_free = {t.name for t in integration.TARGETS if t.kernel_free}  # the dit_quantized check runs no kernel
+    assert {r["provider"] for r in lightx2v_records() if r["state"] == "patched" and r["target"] not in kernel_free
+            } == {"flag_gems"}
     q, k, v = bf16(12, 4, 32), bf16(7, 4, 32), bf16(7, 4, 32)
     for key in ("flash_attn2", "sage_attn3", "torch_sdpa", "flagos_flash_attn"):
         attention_call(reg.ATTN_WEIGHT_REGISTER[key](), q, k, v)()
@@ -579,6 +582,47 @@ def test_gpu_script_dry_run_on_the_standin(tmp_path):
                                                 "rope torch_complex_rope", "linear Default", "rms_norm flagos_rms_norm"}
 
 
+def check_quant_script_result(data, kernels):
+    assert data["complete"] and data["summary"]["pass"], (data["errors"], data["skipped"], data["summary"])
+    assert data["kernels"] == kernels and data["platform"] == "flagos" and data["ai_device"] == "cpu"
+    assert [case["gemm"] for case in data["gemm"]] == ["attn q/k/v/o, cross q/o", "cross k/v (text)", "ffn.0", "ffn.2"]
+    for case in data["gemm"]:
+        assert set(case["ms"]) == set(case["accuracy"]["structured"]) == {
+            "Default", "fp8-triton", "flagos-fp8", "int8-triton", "flagos-int8"}
+        assert case["within_lightx2v_error"] and not case["fallbacks"] and not case["errors"]
+    variants = {v["variant"]: v for v in data["e2e"]["variants"]}
+    assert list(variants) == ["native", "fp8-triton", "int8-triton", "flagos", "flagos-fp8", "flagos-int8"]
+    assert variants["flagos-int8"]["classes"] == {
+        "self_attn_1": "FlagOSFlashAttnWeight", "rms_norm": "FlagOSRmsNormWeight", "rope": "FlagOSRope",
+        "layer_norm": "FlagOSLayerNormWeight", "ffn_0": "FlagOSInt8MMWeight"}
+    assert variants["native"]["classes"]["ffn_0"] == "MMWeight" and variants["native"]["noise_rel_diff"] == 0
+    assert variants["flagos"]["noise_rel_diff"] < 0.02  # bf16: the same math as the native keys
+    assert data["upstream_facts"]["int8_quantize_triton"]["equals_truncation"]
+
+
+def test_quant_gpu_script_dry_run_on_the_standin(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "tests/gpu/lightx2v_quant_gpu.py"), "--dry-run", "--reps", "1",
+                             "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=180, cwd=str(REPO))
+    assert result.returncode == 0, result.stdout + result.stderr
+    check_quant_script_result(json.loads((tmp_path / "lightx2v-quant.json").read_text()), "reference")
+
+
+def test_quant_gpu_script_gems_paths_through_the_fake_flaggems(tmp_path):
+    code = ("import sys\n"
+            "from fl_patch.kernels import gems, quant_linear\n"
+            "gems.device_reason = lambda tensor: None\n"
+            "quant_linear._chip_reason = lambda tensor: None\n"
+            "sys.path.insert(0, 'tests/gpu')\n"
+            "import lightx2v_quant_gpu\n"
+            f"sys.exit(lightx2v_quant_gpu.main(['--dry-run', '--kernels', 'gems', '--reps', '1', '--out-dir', "
+            f"{str(tmp_path)!r}]))\n")
+    result = run_python(code, bootstrap=False, extra_path=[REPO / "tests" / "fake_flag_gems"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    data = json.loads((tmp_path / "lightx2v-quant.json").read_text())
+    check_quant_script_result(data, "gems")
+    assert data["versions"]["flag_gems"] is None or "fake" in str(data["versions"]["flag_gems"])
+
+
 def test_example_runs_quick_on_the_standin():
     result = subprocess.run([sys.executable, str(REPO / "examples/lightx2v/run_ops.py"), "--quick"],
                             capture_output=True, text=True, timeout=120, cwd=str(REPO))
@@ -598,3 +642,285 @@ def test_flagos_keys_stay_registered_on_torch_paths_without_flagGems(monkeypatch
     assert by_target["lightx2v.rms_norm"] == {("skipped", "original")}  # nothing to swap without a provider
     weight, diff, x = bf16(64), bf16(64), bf16(4, 64)
     assert_same(rms_op(reg, "flagos_rms_norm", weight, diff).apply(x), rms_op(reg, "torch", weight, diff).apply(x))
+
+
+# --------------------------------------------------------------------------- quantised linear: flagos-fp8 / -int8
+
+QUANT_KEYS = {"flagos-fp8": ("fp8-triton", torch.float8_e4m3fn), "flagos-int8": ("int8-triton", torch.int8)}
+PREFIX = "blocks.0.self_attn.q"
+
+
+def per_channel(weight, dtype):
+    """LightX2V's converter on a float ``[out, in]`` weight: ``(q, scale [out, 1])``, scale ``max|w| / qmax``."""
+    qmax = 127.0 if dtype == torch.int8 else 448.0
+    scale = weight.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / qmax
+    scaled = (weight.float() / scale).clamp(-qmax, qmax)
+    return (scaled.round().to(dtype) if dtype == torch.int8 else scaled.to(dtype)), scale
+
+
+def quant_checkpoint(weight, dtype, bias):
+    q, scale = per_channel(weight, dtype)
+    # Wan's _load_quant_ckpt casts every float tensor (scales too) to the infer dtype: bf16 scales reach load.
+    return {f"{PREFIX}.weight": q, f"{PREFIX}.weight_scale": scale.to(torch.bfloat16), f"{PREFIX}.bias": bias}
+
+
+def quant_op(reg, key, tensors):
+    return loaded(wan_style(reg.MM_WEIGHT_REGISTER[key], f"{PREFIX}.weight", f"{PREFIX}.bias"), dict(tensors))
+
+
+@pytest.fixture
+def no_chip_check(monkeypatch):
+    from fl_patch.kernels import quant_linear
+
+    monkeypatch.setattr(quant_linear, "_chip_reason", lambda tensor: None)
+
+
+def test_quant_keys_are_lightx2v_quant_template_subclasses_and_revert_exactly():
+    importlib.import_module("lightx2v")
+    reg = importlib.import_module("lightx2v.utils.registry_factory")
+    mm_module = importlib.import_module("lightx2v.common.ops.mm.mm_weight")
+    seed = type("SeedFlagOSFp8", (), {})
+    reg.MM_WEIGHT_REGISTER["flagos-fp8"] = seed  # as the seed plugin would have registered it
+    table = dict(reg.MM_WEIGHT_REGISTER._dict)
+    fl_patch.apply(kernels="reference")
+    for key, (peer, _) in QUANT_KEYS.items():
+        cls = reg.MM_WEIGHT_REGISTER[key]
+        assert issubclass(cls, mm_module.MMWeightQuantTemplate) and cls.__module__ == integration.__name__
+        assert not issubclass(cls, reg.MM_WEIGHT_REGISTER[peer])
+    records = {r["where"]: r for r in lightx2v_records() if r["target"].endswith(("flagos_fp8", "flagos_int8"))}
+    assert {w: (r["state"], r["provider"]) for w, r in records.items()} == {
+        "lightx2v.utils.registry_factory.MM_WEIGHT_REGISTER['flagos-fp8']": ("patched", "torch reference"),
+        "lightx2v.utils.registry_factory.MM_WEIGHT_REGISTER['flagos-int8']": ("patched", "torch reference")}
+    fl_patch.revert()
+    assert reg.MM_WEIGHT_REGISTER._dict == table and reg.MM_WEIGHT_REGISTER["flagos-fp8"] is seed
+    assert "flagos-int8" not in reg.MM_WEIGHT_REGISTER
+
+
+@pytest.mark.parametrize("key", QUANT_KEYS)
+def test_quant_keys_load_the_checkpoints_of_lightx2v_per_channel_schemes(key):
+    reg = load()
+    peer, dtype = QUANT_KEYS[key]
+    tensors = quant_checkpoint(torch.randn(32, 64) / 8, dtype, torch.randn(32).to(torch.bfloat16))
+    weight_dict = dict(tensors)
+    op = wan_style(reg.MM_WEIGHT_REGISTER[key], f"{PREFIX}.weight", f"{PREFIX}.bias")
+    op.load(weight_dict)
+    assert weight_dict == {} and op.weight is None  # CPU checkpoint: pinned copies until to_cuda, as LightX2V
+    op.to_cuda()
+    ours = quant_op(reg, peer, tensors)
+    assert op.weight_scale_name == ours.weight_scale_name == f"{PREFIX}.weight_scale"
+    assert op.weight.dtype == dtype and torch.equal(op.weight, ours.weight) and op.weight.shape == (32, 64)
+    assert op.bias.dtype == ours.bias.dtype == torch.float32 and torch.equal(op.bias, ours.bias)
+    assert op.weight_scale.dtype == torch.float32 and torch.equal(op.weight_scale, ours.weight_scale.float())
+    assert op.load_func == getattr(op, "load_fp8_perchannel_sym" if key == "flagos-fp8" else "load_int8_perchannel_sym")
+
+
+@pytest.mark.parametrize("key", QUANT_KEYS)
+def test_quant_keys_refuse_a_bf16_checkpoint_with_a_clear_message(key):
+    reg = load()
+    other = torch.int8 if key == "flagos-fp8" else torch.float8_e4m3fn
+    bf16_ckpt = {f"{PREFIX}.weight": bf16(32, 64), f"{PREFIX}.bias": bf16(32)}
+    op = wan_style(reg.MM_WEIGHT_REGISTER[key], f"{PREFIX}.weight", f"{PREFIX}.bias")
+    with pytest.raises(ValueError, match=rf"dit_quant_scheme '{key}' needs '{PREFIX}.weight' as .* with "
+                                         rf"'{PREFIX}.weight_scale' \[out, 1\].*found a bfloat16 weight and no scale"
+                                         r".*converter.py --quantized"):
+        op.load(dict(bf16_ckpt))
+    with pytest.raises(ValueError, match=f"found a {str(other).removeprefix('torch.')} weight"):
+        op.load(quant_checkpoint(torch.randn(32, 64), other, bf16(32)))
+    per_tensor = quant_checkpoint(torch.randn(32, 64), QUANT_KEYS[key][1], bf16(32))
+    per_tensor[f"{PREFIX}.weight_scale"] = per_tensor[f"{PREFIX}.weight_scale"][:1]
+    with pytest.raises(ValueError, match="with 1 scales \\(per-channel: one per output row\\)"):
+        op.load(per_tensor)
+
+
+@pytest.mark.parametrize("key", QUANT_KEYS)
+def test_quant_keys_auto_quantise_through_lightx2v_loader_when_a_model_asks(key):
+    reg = load()
+    peer, dtype = QUANT_KEYS[key]
+    weight = torch.randn(32, 64)
+    ops = [wan_style(reg.MM_WEIGHT_REGISTER[k], f"{PREFIX}.weight", f"{PREFIX}.bias") for k in (key, peer)]
+    for op in ops:
+        op.set_config({"weight_auto_quant": True})
+        op.load_func({f"{PREFIX}.weight": weight})
+    assert ops[0].weight.dtype == dtype and torch.equal(ops[0].weight, ops[1].weight)
+    assert torch.equal(ops[0].weight_scale, ops[1].weight_scale)
+
+
+@pytest.mark.parametrize("key", QUANT_KEYS)
+def test_quant_keys_on_the_reference_provider_compute_the_w8a8_product(key):
+    from fl_patch.kernels import quant_linear
+
+    reg = load()
+    tensors = quant_checkpoint(torch.randn(32, 64) / 8, QUANT_KEYS[key][1], bf16(32))
+    op = quant_op(reg, key, tensors)
+    x = bf16(5, 64)
+    form = "fp8" if key == "flagos-fp8" else "int8"
+    expected = getattr(quant_linear, f"reference_{form}")(x, op.weight, op.weight_scale, op.bias, torch.bfloat16)
+    out = op.apply(x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected) and not fallbacks()
+    op.register_diff({"diffusion_model.blocks.0.self_attn.q.diff_b": torch.ones(32)})  # a bias diff is used
+    torch.testing.assert_close(op.apply(x).float(), expected.float() + 1, **BF16)
+    op.register_lora({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": bf16(4, 64),
+                      "diffusion_model.blocks.0.self_attn.q.lora_up.weight": bf16(32, 4)}, lora_strength=0.5)
+    with_lora = expected.float() + 1 + op.apply_lora(x).float()  # two bf16 sums in another order: two roundings
+    torch.testing.assert_close(op.apply(x).float(), with_lora, atol=6e-2, rtol=1.6e-2)
+
+
+@pytest.mark.parametrize("key", QUANT_KEYS)
+def test_quant_keys_run_flaggems_and_count_calls_it_cannot_take(fake_gems, no_chip_check, key):
+    reg = load(kernels="gems")
+    tensors = quant_checkpoint(torch.randn(32, 64) / 8, QUANT_KEYS[key][1], bf16(32))
+    op = quant_op(reg, key, tensors)
+    x = bf16(5, 64)
+    out = op.apply(x)
+    assert ("cutlass_scaled_mm", str(QUANT_KEYS[key][1]).removeprefix("torch.")) in fake_gems.calls
+    fl_patch.revert()
+    fl_patch.apply(kernels="reference")
+    torch.testing.assert_close(out.float(), quant_op(reg, key, tensors).apply(x).float(), atol=1e-2, rtol=8e-3)
+    fl_patch.revert()
+    reg = load(kernels="gems")
+    op = quant_op(reg, key, tensors)
+    assert op.apply(x.float()).dtype == torch.bfloat16  # the infer dtype, as fp8-triton's output
+    assert fallbacks() == {f"lightx2v.utils.registry_factory.MM_WEIGHT_REGISTER['{key}']": {"dtype float32": 1}}
+
+
+def test_quant_keys_off_sm90_use_the_reference_and_say_why(fake_gems):
+    reg = load(kernels="gems")
+    op = quant_op(reg, "flagos-fp8", quant_checkpoint(torch.randn(32, 64), torch.float8_e4m3fn, bf16(32)))
+    op.apply(bf16(4, 64))
+    assert not [c for c in fake_gems.calls if c[0] == "cutlass_scaled_mm"]
+    assert list(fallbacks().values()) == [{"not sm90": 1}]
+
+
+def test_quant_keys_without_flaggems_are_registered_and_count_every_reference_call(monkeypatch):
+    monkeypatch.setattr(gems, "installed", lambda: "No module named 'flag_gems'")
+    reg = load(kernels="gems")
+    for key, (_, dtype) in QUANT_KEYS.items():
+        op = quant_op(reg, key, quant_checkpoint(torch.randn(32, 64), dtype, bf16(32)))
+        assert op.apply(bf16(3, 64)).shape == (3, 32)
+    assert {w.rsplit("[", 1)[1]: f for w, f in fallbacks().items()} == {
+        "'flagos-fp8']": {"no kernel provider": 1}, "'flagos-int8']": {"no kernel provider": 1}}
+    states = {r["target"]: (r["state"], r["provider"]) for r in lightx2v_records()}
+    assert states["lightx2v.linear.flagos_fp8"] == states["lightx2v.linear.flagos_int8"] == ("patched", "original")
+
+
+def structured(out_features, in_features, tokens, seed):
+    """Weights and activations shaped like a trained DiT's: per-row weight magnitudes spread over two decades,
+    a few input channels with large weights and activations, tokens of very different norms."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=gen) / in_features**0.5
+    weight *= torch.exp(torch.randn(out_features, 1, generator=gen))
+    outliers = torch.randperm(in_features, generator=gen)[:4]
+    weight[:, outliers] *= 8
+    x = torch.randn(tokens, in_features, generator=gen) * torch.exp(torch.randn(tokens, 1, generator=gen))
+    x[:, outliers] *= 20
+    return weight.to(torch.bfloat16), x.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", ["random", "structured"])
+@pytest.mark.parametrize("key", QUANT_KEYS)
+def test_quant_keys_are_as_close_to_default_as_lightx2v_own_schemes(key, kind):
+    reg = load()
+    peer, dtype = QUANT_KEYS[key]
+    torch.manual_seed(0)
+    if kind == "random":
+        weight, x = (torch.randn(128, 256) / 16).to(torch.bfloat16), bf16(64, 256)
+    else:
+        weight, x = structured(128, 256, 64, seed=3)
+    bias = bf16(128)
+    default = loaded(wan_style(reg.MM_WEIGHT_REGISTER["Default"], f"{PREFIX}.weight", f"{PREFIX}.bias"),
+                     {f"{PREFIX}.weight": weight, f"{PREFIX}.bias": bias}).apply(x).float()
+    tensors = quant_checkpoint(weight, dtype, bias)
+
+    def error(scheme):
+        return ((quant_op(reg, scheme, tensors).apply(x).float() - default).norm() / default.norm()).item()
+
+    ours, theirs = error(key), error(peer)
+    assert ours <= theirs * 1.02, (ours, theirs)
+    assert ours < (0.06 if key == "flagos-fp8" else 0.03)
+
+
+# --------------------------------------------------------------------------- a Wan DiT on the flagos* keys
+
+
+def wan_step(tmp_path, keys, quantize=None):
+    """Build the stand-in's tiny Wan2.1 from a random checkpoint file (LightX2V's layout, tests/lightx2v_wan.py)
+    with `keys`, run one denoising step, return (noise_pred, latents after the step, model)."""
+    import lightx2v_wan
+    from safetensors.torch import save_file
+
+    from lightx2v.models.networks.wan.model import WanModel
+    from lightx2v.models.schedulers.wan.scheduler import WanScheduler
+
+    tensors = lightx2v_wan.checkpoint("tiny", seed=5)
+    path = tmp_path / (quantize or "bf16")
+    if not path.exists():
+        path.mkdir()
+        save_file(lightx2v_wan.quantized(tensors, quantize) if quantize else tensors, str(path / "model.safetensors"))
+    config = lightx2v_wan.lightx2v_config("tiny", keys)
+    model = WanModel(str(path), config, torch.device("cpu"))
+    model.to_cuda()
+    scheduler = WanScheduler(config)
+    model.set_scheduler(scheduler)
+    latent_shape, text = lightx2v_wan.inputs("tiny", frames=3, height=8, width=6, seed=5)
+    scheduler.prepare(seed=0, latent_shape=latent_shape)
+    scheduler.step_pre(0)
+    model.infer({"text_encoder_output": text})
+    noise = scheduler.noise_pred
+    scheduler.step_post()
+    return noise, scheduler.latents, model
+
+
+def test_dit_quantized_check_accepts_the_registered_flagos_schemes_and_reverts():
+    base = importlib.import_module("lightx2v.models.networks.base_model").BaseTransformerModel
+    original = base._check_dit_quantized
+    probe = types.SimpleNamespace(config={"dit_quant_scheme": "flagos-fp8"})
+    with pytest.raises(AssertionError):
+        original(probe)
+    fl_patch.apply(kernels="reference")
+    for scheme in ("flagos", "flagos-fp8", "flagos-int8", "fp8-triton"):
+        base._check_dit_quantized(types.SimpleNamespace(config={"dit_quant_scheme": scheme}))
+    with pytest.raises(AssertionError):
+        base._check_dit_quantized(types.SimpleNamespace(config={"dit_quant_scheme": "flagos-fp4"}))
+    fl_patch.revert()
+    assert vars(base)["_check_dit_quantized"] is original
+
+
+def test_dit_quantized_check_refuses_flagos_schemes_whose_key_is_not_registered():
+    fl_patch.apply(kernels="reference", exclude=["lightx2v.linear.flagos_fp8"])
+    importlib.import_module("lightx2v")
+    base = importlib.import_module("lightx2v.models.networks.base_model").BaseTransformerModel
+    base._check_dit_quantized(types.SimpleNamespace(config={"dit_quant_scheme": "flagos-int8"}))
+    with pytest.raises(AssertionError):
+        base._check_dit_quantized(types.SimpleNamespace(config={"dit_quant_scheme": "flagos-fp8"}))
+
+
+def test_wan_dit_on_the_flagos_keys_matches_the_native_keys_and_the_quantized_schemes(tmp_path, monkeypatch):
+    import lightx2v_wan
+
+    monkeypatch.setenv("PLATFORM", "flagos")
+    fl_patch.apply(kernels="reference", include=[t.name for t in integration.TARGETS
+                                                 if t.family == "platform" or "flagos" in t.name])
+    importlib.import_module("lightx2v")
+    assert importlib.import_module("lightx2v_platform.base.global_var").PLATFORM == "flagos"
+    native, native_latents, model = wan_step(tmp_path, lightx2v_wan.NATIVE_KEYS)
+    assert type(model.transformer_weights.blocks[0].compute_phases[2].ffn_0).__name__ == "MMWeight"  # unpatched
+    flagos, flagos_latents, model = wan_step(tmp_path, lightx2v_wan.FLAGOS_KEYS)
+    phases = model.transformer_weights.blocks[0].compute_phases
+    assert [type(op).__name__ for op in (phases[0].self_attn_1, phases[0].self_attn_norm_q, phases[0].rope,
+                                         phases[1].norm3, phases[2].ffn_0)] == [
+        "FlagOSFlashAttnWeight", "FlagOSRmsNormWeight", "FlagOSRope", "FlagOSLayerNormWeight", "FlagOSMMWeight"]
+    torch.testing.assert_close(flagos, native, atol=5e-2, rtol=2e-2)  # the same math, other bf16 roundings
+    torch.testing.assert_close(flagos_latents, native_latents, atol=5e-2, rtol=2e-2)
+
+    def relative(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    for key, (peer, _) in QUANT_KEYS.items():
+        quantize = "fp8" if key == "flagos-fp8" else "int8"
+        ours, _, model = wan_step(tmp_path, dict(lightx2v_wan.FLAGOS_KEYS, dit_quant_scheme=key), quantize)
+        assert type(model.transformer_weights.blocks[1].compute_phases[0].self_attn_o).__name__ in (
+            "FlagOSFp8MMWeight", "FlagOSInt8MMWeight")
+        theirs, _, _ = wan_step(tmp_path, dict(lightx2v_wan.NATIVE_KEYS, dit_quant_scheme=peer), quantize)
+        assert relative(ours, native) <= relative(theirs, native) * 1.05 + 1e-3, (key, relative(ours, native),
+                                                                                  relative(theirs, native))
+    assert not fallbacks()  # the reference provider takes every call

@@ -178,7 +178,12 @@ def test_upstream_keys_and_class_names():
         "torch_complex_rope": "TorchComplexRope",
         "torch_real_rope": "TorchRealRope",
     }
-    assert names(reg.MM_WEIGHT_REGISTER) == {"Default": "MMWeight", "Default-ForceFp32": "MMWeightForceFp32"}
+    assert names(reg.MM_WEIGHT_REGISTER) == {
+        "Default": "MMWeight",
+        "Default-ForceFp32": "MMWeightForceFp32",
+        "fp8-triton": "MMWeightWfp8channelAfp8channeldynamicTriton",
+        "int8-triton": "MMWeightWint8channelAint8channeldynamicTriton",
+    }
 
 
 def test_layer_norm_module_attribute_is_the_triton_class():
@@ -595,3 +600,182 @@ def test_force_fp32_mm_keeps_float32_weights():
     assert mm.weight.dtype == torch.float32 and mm.bias.dtype == torch.float32
     x = torch.randn(4, 2)
     torch.testing.assert_close(mm.apply(x), F.linear(x, weight.float(), bias.float()))
+
+
+# --------------------------------------------------------------------------- quantised linear
+
+
+def per_channel_checkpoint(prefix, out_features, in_features, dtype, seed=0):
+    """``{prefix.weight, prefix.weight_scale, prefix.bias}`` as LightX2V's converter writes a per-channel
+    checkpoint: ``scale = max|w| / qmax`` per output row (``[out, 1]``), int8 rounded, fp8 clipped."""
+    w = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(seed)) / in_features**0.5
+    qmax = 127.0 if dtype == torch.int8 else 448.0
+    scale = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-5) / qmax
+    scaled = (w / scale).clamp(-qmax, qmax)
+    q = scaled.round().to(dtype) if dtype == torch.int8 else scaled.to(dtype)
+    return {f"{prefix}.weight": q, f"{prefix}.weight_scale": scale, f"{prefix}.bias": torch.randn(out_features)}
+
+
+QUANT_SCHEMES = {"fp8-triton": torch.float8_e4m3fn, "int8-triton": torch.int8}
+
+
+@pytest.mark.parametrize("key", QUANT_SCHEMES)
+def test_triton_quant_schemes_load_weight_scale_and_a_float32_bias(key):
+    reg = registries()
+    mm_module = importlib.import_module("lightx2v.common.ops.mm.mm_weight")
+    prefix = "blocks.0.self_attn.q"
+    tensors = per_channel_checkpoint(prefix, 32, 64, QUANT_SCHEMES[key])
+    weight_dict = dict(tensors)
+    mm = upstream_style(reg.MM_WEIGHT_REGISTER[key], f"{prefix}.weight", f"{prefix}.bias")
+    assert isinstance(mm, mm_module.MMWeightQuantTemplate) and mm.weight_scale_name == f"{prefix}.weight_scale"
+    assert mm.load_func == mm.load_fp8_perchannel_sym if key == "fp8-triton" else mm.load_int8_perchannel_sym
+    mm.load(weight_dict)
+    assert weight_dict == {} and mm.weight is None and mm.pin_weight.shape == (32, 64)  # not transposed
+    mm.to_cuda()
+    assert torch.equal(mm.weight, tensors[f"{prefix}.weight"])
+    assert torch.equal(mm.weight_scale, tensors[f"{prefix}.weight_scale"])
+    assert mm.bias.dtype == torch.float32  # bias_force_fp32
+
+
+def test_triton_quant_activation_quantisers_keep_upstream_quirks():
+    importlib.import_module("lightx2v")
+    kernels = importlib.import_module("lightx2v.common.ops.mm.triton_kernels")
+    q, scale = kernels.int8_quantize_triton(torch.tensor([[2.0, 1.4, -0.9, 0.0]]))
+    assert q.tolist() == [[127, 88, -57, 0]]  # 88.9 -> 88 and -57.15 -> -57: truncated, not rounded
+    assert scale.dtype == torch.float32 and scale.tolist() == pytest.approx([2.0 / 127])
+    x = torch.randn(3, 64) * 3
+    q, scale = kernels.fp8_quantize_triton(x)
+    exact = x.abs().amax(dim=-1) / 448.0
+    assert scale.dtype == torch.bfloat16 and torch.equal(scale, exact.to(torch.bfloat16))  # rounded after use
+    assert torch.equal(q.float(), (x / exact.unsqueeze(1)).clamp(-448, 448).to(torch.float8_e4m3fn).float())
+
+
+@pytest.mark.parametrize("key", QUANT_SCHEMES)
+def test_triton_quant_schemes_compute_the_scaled_product_in_the_infer_dtype(key):
+    reg = registries()
+    kernels = importlib.import_module("lightx2v.common.ops.mm.triton_kernels")
+    prefix = "blocks.0.ffn.0"
+    tensors = per_channel_checkpoint(prefix, 48, 64, QUANT_SCHEMES[key])
+    mm = upstream_style(reg.MM_WEIGHT_REGISTER[key], f"{prefix}.weight", f"{prefix}.bias")
+    mm.load(dict(tensors))
+    mm.to_cuda()
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    quantize = kernels.fp8_quantize_triton if key == "fp8-triton" else kernels.int8_quantize_triton
+    q, scale = quantize(x)
+    w = tensors[f"{prefix}.weight"].double() * tensors[f"{prefix}.weight_scale"].double()
+    expected = (q.double() * scale.double().unsqueeze(1)) @ w.t() + tensors[f"{prefix}.bias"].double()
+    out = mm.apply(x)
+    assert out.dtype == torch.bfloat16 and out.shape == (5, 48)
+    torch.testing.assert_close(out.double(), expected, atol=1e-2, rtol=8e-3)
+    assert mm.apply(x.unsqueeze(0)).shape == (5, 48)  # a 3-D call is squeezed back to 2-D
+
+
+def test_a_bf16_checkpoint_loads_silently_into_a_quant_scheme_and_fails_at_the_first_call():
+    reg = registries()
+    prefix = "blocks.0.ffn.0"
+    mm = upstream_style(reg.MM_WEIGHT_REGISTER["fp8-triton"], f"{prefix}.weight", f"{prefix}.bias")
+    mm.load({f"{prefix}.weight": torch.randn(16, 32).bfloat16(), f"{prefix}.bias": torch.randn(16)})
+    mm.to_cuda()
+    assert mm.weight_scale is None  # the missing scale is skipped, as upstream's create_default_tensors does
+    with pytest.raises(AssertionError, match="is not FP8 E4M3"):
+        mm.apply(torch.randn(2, 32).bfloat16())
+
+
+@pytest.mark.parametrize("key", QUANT_SCHEMES)
+def test_quant_loaders_auto_quantise_a_float_weight_when_the_config_asks(key):
+    reg = registries()
+    prefix = "blocks.0.ffn.0"
+    weight = torch.randn(16, 32)
+    mm = upstream_style(reg.MM_WEIGHT_REGISTER[key], f"{prefix}.weight", f"{prefix}.bias")
+    mm.load_func({f"{prefix}.weight": weight})  # without weight_auto_quant: load_quantized, no scale
+    assert mm.weight is None and mm.pin_weight.dtype == torch.float32 and mm.pin_weight_scale is None
+    mm.set_config({"weight_auto_quant": True})
+    mm.load_func({f"{prefix}.weight": weight})
+    qmax = 448.0 if key == "fp8-triton" else 127.0
+    assert mm.weight.dtype == QUANT_SCHEMES[key] and mm.weight.shape == (16, 32)
+    assert mm.weight_scale.dtype == torch.float32
+    assert torch.equal(mm.weight_scale, weight.abs().amax(1, keepdim=True) / qmax)
+    error = (mm.weight.float() * mm.weight_scale - weight).abs()
+    bound = 0.5 * mm.weight_scale if key == "int8-triton" else weight.abs() / 16 + mm.weight_scale / 512
+    assert (error <= bound * 1.0001).all()  # half a step of int8, or of e4m3's 3-bit mantissa (subnormals)
+
+
+# --------------------------------------------------------------------------- the Wan model
+
+
+def build_wan(tmp_path, keys, quantize=None, **extra):
+    """A tiny Wan2.1 built by WanModel from a random checkpoint file (tests/lightx2v_wan.py), with a scheduler
+    prepared and at step 0; returns (model, scheduler, text_encoder_output)."""
+    import lightx2v_wan
+
+    importlib.import_module("lightx2v")
+    from lightx2v.models.networks.wan.model import WanModel
+    from lightx2v.models.schedulers.wan.scheduler import WanScheduler
+    from safetensors.torch import save_file
+
+    tensors = lightx2v_wan.checkpoint("tiny")
+    path = tmp_path / (quantize or "bf16")
+    path.mkdir(exist_ok=True)
+    save_file(lightx2v_wan.quantized(tensors, quantize) if quantize else tensors, str(path / "model.safetensors"))
+    config = lightx2v_wan.lightx2v_config("tiny", keys, **extra)
+    model = WanModel(str(path), config, torch.device("cpu"))
+    model.to_cuda()
+    scheduler = WanScheduler(config)
+    model.set_scheduler(scheduler)
+    latent_shape, text = lightx2v_wan.inputs("tiny", frames=3, height=8, width=6)
+    scheduler.prepare(seed=0, latent_shape=latent_shape)
+    scheduler.step_pre(0)
+    return model, scheduler, {"text_encoder_output": text}
+
+
+def test_wan_model_builds_its_ops_from_the_config_keys_and_runs_a_denoising_step(tmp_path):
+    import lightx2v_wan
+
+    reg = registries()
+    model, scheduler, inputs = build_wan(tmp_path, lightx2v_wan.NATIVE_KEYS)
+    block = model.transformer_weights.blocks[1]
+    self_attn, cross_attn, ffn = block.compute_phases
+    assert type(self_attn.self_attn_1) is reg.ATTN_WEIGHT_REGISTER["torch_sdpa"]
+    assert type(self_attn.self_attn_norm_q) is reg.RMS_WEIGHT_REGISTER["torch"]
+    assert type(self_attn.rope) is reg.ROPE_REGISTER["torch_complex_rope"]
+    assert type(cross_attn.norm3) is reg.LN_WEIGHT_REGISTER["torch"] and cross_attn.norm3.weight.shape == (64,)
+    assert type(ffn.ffn_0) is reg.MM_WEIGHT_REGISTER["Default"] and ffn.ffn_0.weight.shape == (64, 128)
+    assert self_attn.self_attn_q.weight_name == "blocks.1.self_attn.q.weight"
+    assert self_attn.modulation.tensor.shape == (1, 6, 64)
+    before = scheduler.latents.clone()
+    model.infer(inputs)
+    assert scheduler.noise_pred.shape == (4, 3, 8, 6) and scheduler.noise_pred.dtype == torch.float32
+    assert torch.isfinite(scheduler.noise_pred).all()
+    scheduler.step_post()
+    assert scheduler.latents.dtype == torch.float32 and not torch.equal(scheduler.latents, before.float())
+    with pytest.raises(NotImplementedError, match="first step only"):
+        scheduler.step_post()
+
+
+def test_wan_model_quant_schemes_need_dit_quantized_and_a_listed_scheme(tmp_path):
+    import lightx2v_wan
+
+    keys = dict(lightx2v_wan.NATIVE_KEYS, dit_quant_scheme="fp8-triton")
+    with pytest.raises(AssertionError):  # WanTransformerWeights asserts dit_quantized for a non-Default scheme
+        build_wan(tmp_path, keys, quantize="fp8", dit_quantized=False)
+    with pytest.raises(AssertionError):  # _check_dit_quantized: not one of upstream's schemes
+        build_wan(tmp_path, dict(keys, dit_quant_scheme="my-fp8"), quantize="fp8")
+
+
+@pytest.mark.parametrize("scheme, quantize", [("fp8-triton", "fp8"), ("int8-triton", "int8")])
+def test_wan_model_runs_a_quantized_checkpoint_close_to_the_bf16_one(tmp_path, scheme, quantize):
+    import lightx2v_wan
+
+    model, scheduler, inputs = build_wan(tmp_path, dict(lightx2v_wan.NATIVE_KEYS, dit_quant_scheme=scheme),
+                                         quantize=quantize)
+    q = model.transformer_weights.blocks[0].compute_phases[0].self_attn_q
+    assert q.weight.dtype == (torch.float8_e4m3fn if quantize == "fp8" else torch.int8)
+    assert q.weight_scale.dtype == torch.bfloat16  # the float scale went through the loader's dtype cast
+    head = model.transformer_weights.head
+    assert head.weight.dtype == torch.bfloat16  # the head stays Default
+    model.infer(inputs)
+    quantized = scheduler.noise_pred
+    model, scheduler, inputs = build_wan(tmp_path, lightx2v_wan.NATIVE_KEYS)
+    model.infer(inputs)
+    relative = (quantized - scheduler.noise_pred).norm() / scheduler.noise_pred.norm()
+    assert relative < 0.1

@@ -21,6 +21,13 @@ in which the user imports ``lightx2v``, ``lightx2v_platform`` or the registry mo
   falls back to torch's attention instead, since flash-attn may not be installed where FlagGems runs. They
   are set into the final registries' dicts through the ledger (``Register.register`` refuses an existing
   key; item assignment does not), so revert removes them, or restores a key another plugin had set.
+- ``flagos-fp8`` / ``flagos-int8``: subclasses of LightX2V's ``MMWeightQuantTemplate`` that load the
+  checkpoints of its per-channel schemes (``fp8-triton``, ``int8-triton``, ``fp8-vllm``, ...) with its own
+  loaders and refuse a bf16 checkpoint with a clear message (LightX2V's schemes load it and fail at the
+  first call); ``apply`` quantises activations per token and runs FlagGems' scaled mm
+  (``fl_patch.kernels.quant_linear``), or the torch reference for a call FlagGems can't take (counted).
+  ``BaseTransformerModel._check_dit_quantized`` learns the ``flagos*`` schemes: ``dit_quantized=true`` is how a
+  config reaches a scheme other than ``Default``, and its hard-coded list would refuse them.
 - ``PLATFORM=flagos`` (or ``fl``): a ``flagos`` device in ``PLATFORM_DEVICE_REGISTER`` that delegates to the
   first registered device that is available (``cuda`` first), so ``AI_DEVICE`` is the real accelerator.
   Its row belongs to the ``distributed`` family, as the device also starts the process group (on FlagCX
@@ -34,6 +41,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import types
 import weakref
 from collections.abc import Callable
@@ -50,12 +58,15 @@ REGISTRY_MODULE = "lightx2v.utils.registry_factory"
 PLATFORM_NAMES = ("flagos", "fl")
 
 
-def _row(name: str, family: str, module: str, attribute: str, factory: str, description: str) -> Target:
-    # The flagos_* keys are registered even without a kernel provider (torch paths then), so that configs
-    # naming them keep working wherever FlagGems can't run, as they did with the seed plugin.
+def _row(name: str, family: str, module: str, attribute: str, factory: str, description: str,
+         kernel_free: bool = False) -> Target:
+    # The seed plugin's keys (rows named "...flagos*") are registered even without a kernel provider (torch
+    # paths then), so that configs naming them keep working wherever FlagGems can't run, as they did with the
+    # seed plugin; a config must name them, so performance defaults never hold them back.
+    seed_key = name.rsplit(".", 1)[-1].startswith("flagos")
     return Target(name=name, family=family, module=module, attribute=attribute, factory=f"{_HERE}:{factory}",
-                  description=description, runs_without_kernels=name.endswith(".flagos"),
-                  explicit_choice=name.endswith(".flagos"))
+                  description=description, runs_without_kernels=seed_key, explicit_choice=seed_key,
+                  kernel_free=kernel_free)
 
 
 TARGETS = [
@@ -96,6 +107,13 @@ TARGETS = [
          "the Default quant scheme on the provider's GEMM, LoRA branch kept"),
     _row("lightx2v.linear.flagos", "linear", f"{OPS}.mm.mm_weight", "MM_WEIGHT_REGISTER['flagos']",
          "register_flagos_mm", "the seed plugin's flagos quant scheme (Default semantics)"),
+    _row("lightx2v.linear.flagos_fp8", "linear", f"{OPS}.mm.mm_weight", "MM_WEIGHT_REGISTER['flagos-fp8']",
+         "register_flagos_fp8", "the seed plugin's flagos-fp8 scheme: fp8-triton's checkpoints, W8A8 on FlagGems"),
+    _row("lightx2v.linear.flagos_int8", "linear", f"{OPS}.mm.mm_weight", "MM_WEIGHT_REGISTER['flagos-int8']",
+         "register_flagos_int8", "the seed plugin's flagos-int8 scheme: int8-triton's checkpoints, W8A8 on FlagGems"),
+    _row("lightx2v.linear.flagos_schemes", "linear", "lightx2v.models.networks.base_model",
+         "BaseTransformerModel._check_dit_quantized", "patch_dit_quant_check",
+         "dit_quantized=true accepts the flagos* schemes (its hard-coded list does not)", kernel_free=True),
 ]
 
 
@@ -805,7 +823,138 @@ def _mm_apply(original: Callable, rec, provider: str) -> Callable:
 
 
 def register_flagos_mm(module, ctx) -> None:
-    """Quant scheme ``flagos``: ``Default``'s MMWeight (weight stored transposed, LoRA, diff) on the kernel.
-    The seed's ``flagos-fp8`` / ``flagos-int8`` are not provided."""
+    """Quant scheme ``flagos``: ``Default``'s MMWeight (weight stored transposed, LoRA, diff) on the kernel."""
     _register_flagos(ctx, module, "MM_WEIGHT_REGISTER", "Default", "flagos", "FlagOSMMWeight",
                      lambda base, original, rec: _mm_apply(original, rec, ctx.provider))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Quantised linear: flagos-fp8 / flagos-int8 load what LightX2V's per-channel schemes load (fp8-triton,
+# int8-triton, fp8-vllm, fp8-sgl, ...: <prefix>.weight int8 / e4m3 [out, in], <prefix>.weight_scale [out, 1],
+# the bias), through LightX2V's own MMWeightQuantTemplate, placed as fp8-triton places them (weight kept
+# [out, in], bias float32) with the scale in float32 (FlagGems' scaled mm takes no other). apply: W8A8 with
+# per-token dynamic activations (fl_patch.kernels.quant_linear), output in the infer dtype as fp8-triton's.
+
+# key -> (kernel form, class name, LightX2V's loader of that checkpoint, schemes whose checkpoints it loads)
+QUANT_SCHEMES = {
+    "flagos-fp8": ("fp8", "FlagOSFp8MMWeight", "load_fp8_perchannel_sym", "fp8-triton, fp8-vllm, fp8-sgl"),
+    "flagos-int8": ("int8", "FlagOSInt8MMWeight", "load_int8_perchannel_sym", "int8-triton, int8-vllm, int8-sgl"),
+}
+# The schemes _check_dit_quantized must accept: dit_quantized=true is how a config reaches any scheme other
+# than Default (Wan's weights assert it), so without them flagos* configs could not build a model.
+FLAGOS_SCHEMES = ("flagos", *QUANT_SCHEMES)
+
+
+def register_flagos_fp8(module, ctx) -> None:
+    """Quant scheme ``flagos-fp8``: per-channel fp8 weights, per-token fp8 activations, FlagGems' scaled mm."""
+    _register_quant_mm(module, ctx, "flagos-fp8")
+
+
+def register_flagos_int8(module, ctx) -> None:
+    """Quant scheme ``flagos-int8``: per-channel int8 weights, per-token int8 activations, FlagGems' scaled mm."""
+    _register_quant_mm(module, ctx, "flagos-int8")
+
+
+def _register_quant_mm(module, ctx, key: str) -> None:
+    form, class_name, loader, _ = QUANT_SCHEMES[key]
+    registry = _registry(module, "MM_WEIGHT_REGISTER")
+    base = getattr(module, "MMWeightQuantTemplate", None)
+    if not isinstance(base, type) or not callable(getattr(base, loader, None)):
+        raise Skip(f"{module.__name__} has no MMWeightQuantTemplate.{loader} (LightX2V changed?)")
+    rec = ctx.record(f"{REGISTRY_MODULE}.MM_WEIGHT_REGISTER[{key!r}]", variant=form)
+    namespace = {"__init__": _quant_init(base, loader), "load": _quant_load(base, key),
+                 "apply": _quant_mm_apply(form, rec, ctx.provider)}
+    _set_key(ctx, rec, registry, "MM_WEIGHT_REGISTER", key, _subclass(class_name, base, namespace))
+
+
+def _quant_init(base: type, loader: str) -> Callable:
+    def __init__(self, weight_name, bias_name=None, create_cuda_buffer=False, create_cpu_buffer=False,
+                 lazy_load=False, lazy_load_file=None, is_post_adapter=False, lora_prefix="diffusion_model.blocks",
+                 lora_path=""):
+        base.__init__(self, weight_name, bias_name, create_cuda_buffer, create_cpu_buffer, lazy_load,
+                      lazy_load_file, is_post_adapter, lora_prefix, lora_path)
+        self.load_func = getattr(self, loader)  # what an auto-quant loader (weight_auto_quant) calls
+        self.weight_need_transpose = False
+        self.bias_force_fp32 = True
+        self.scale_force_fp32 = True
+
+    return __init__
+
+
+def _quant_load(base: type, key: str) -> Callable:
+    def load(self, weight_dict):
+        """The template's load (LightX2V's placement and post-processing), after checking that `weight_dict`
+        holds this layer's quantised weight and its per-channel scale."""
+        if not (self.lazy_load or self.create_cuda_buffer or self.create_cpu_buffer):
+            _check_quantized(key, self, weight_dict)
+        base.load(self, weight_dict)
+
+    return load
+
+
+def _check_quantized(key: str, op, weight_dict) -> None:
+    """Raise ValueError unless `weight_dict` holds `op`'s weight in the scheme's dtype with one scale per output
+    channel. LightX2V's own schemes skip a missing scale silently and fail (or worse) at the first call; a
+    missing weight is left to LightX2V's loader, which raises KeyError naming it."""
+    import torch
+
+    form, _, _, peers = QUANT_SCHEMES[key]
+    weight = weight_dict.get(op.weight_name)
+    if weight is None:
+        return
+    scale = weight_dict.get(op.weight_scale_name)
+    dtype = torch.float8_e4m3fn if form == "fp8" else torch.int8
+    layout = (f"{op.weight_name!r} as {str(dtype).removeprefix('torch.')} [out, in] with {op.weight_scale_name!r} "
+              f"[out, 1], the checkpoints of {peers}")
+    if weight.dtype != dtype or scale is None:
+        found = f"a {str(weight.dtype).removeprefix('torch.')} weight" + ("" if scale is not None else " and no scale")
+        raise ValueError(
+            f"dit_quant_scheme {key!r} needs {layout}; found {found}. LightX2V does not quantise at load for these "
+            f"schemes: convert the checkpoint first (LightX2V's tools/convert/converter.py --quantized "
+            f"--linear_type {form}), or use a scheme for its dtype")
+    if weight.dim() != 2 or scale.numel() != weight.shape[0]:
+        raise ValueError(f"dit_quant_scheme {key!r} needs {layout}; found a weight of shape {tuple(weight.shape)} "
+                         f"with {scale.numel()} scales (per-channel: one per output row)")
+
+
+def _quant_mm_apply(form: str, rec, provider: str | None) -> Callable:
+    """apply(input_tensor): the provider's W8A8 kernel, or the torch reference (dequantised product) for a call
+    it can't take (counted), and the LoRA branch. Without a provider every call is the reference, counted."""
+    from fl_patch.kernels import quant_linear
+
+    reference = getattr(quant_linear, f"reference_{form}")
+    kernel, unsupported = kernel_pair(quant_linear, form, provider) if provider else (None, None)
+
+    def apply(self, input_tensor):
+        weight, scale, bias = self.weight, self.weight_scale, self._get_actual_bias()
+        if kernel is None:
+            reason = "no kernel provider"
+        else:
+            reason = unsupported(provider, input_tensor, weight, scale, bias, self.infer_dtype)
+        if reason is None:
+            output = kernel(input_tensor, weight, scale, bias, self.infer_dtype)
+        else:
+            rec.fallback(reason)
+            output = reference(input_tensor, weight, scale, bias, self.infer_dtype)
+        return output + self.apply_lora(input_tensor) if self.has_lora_branch else output
+
+    return apply
+
+
+def patch_dit_quant_check(module, ctx) -> None:
+    """``BaseTransformerModel._check_dit_quantized`` accepts the flagos* schemes registered in
+    ``MM_WEIGHT_REGISTER``; every other scheme goes to upstream's check (its hard-coded list)."""
+    cls = getattr(module, "BaseTransformerModel", None)
+    original = getattr(cls, "_check_dit_quantized", None)
+    if original is None:
+        raise Skip(f"{module.__name__} has no BaseTransformerModel._check_dit_quantized (LightX2V changed?)")
+    rec = ctx.record(f"{module.__name__}.BaseTransformerModel._check_dit_quantized", variant="flagos")
+
+    def _check_dit_quantized(self):
+        scheme = self.config.get("dit_quant_scheme", "Default")
+        registry = sys.modules.get(REGISTRY_MODULE)
+        if scheme in FLAGOS_SCHEMES and registry is not None and scheme in registry.MM_WEIGHT_REGISTER:
+            return
+        return original(self)
+
+    ctx.setattr(rec, cls, "_check_dit_quantized", like(_check_dit_quantized, original))

@@ -105,7 +105,9 @@ def _stub_attribute(name):
 
 
 def stub_missing(names) -> list[str]:
-    """Put a stub in sys.modules for each of `names` that can't be imported; return those stubbed."""
+    """Put a stub in sys.modules for each of `names` that can't be imported; return those stubbed. A dotted
+    name (``torchvision.transforms.functional``) is stubbed with each missing parent, each set as an attribute
+    of its parent so that ``import a.b.c as m`` finds it."""
     stubbed = []
     for name in names:
         try:
@@ -113,10 +115,15 @@ def stub_missing(names) -> list[str]:
             continue
         except ImportError:
             pass
+        parent, _, child = name.rpartition(".")
+        if parent and parent not in sys.modules:
+            stubbed += stub_missing([parent])
         module = types.ModuleType(name)
         module.__getattr__ = _stub_attribute
         module.logger = _Logger()
         sys.modules[name] = module
+        if parent:
+            setattr(sys.modules[parent], child, module)
         stubbed.append(name)
     return stubbed
 

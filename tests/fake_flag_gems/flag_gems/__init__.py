@@ -244,3 +244,47 @@ def addmm(bias, mat1, mat2, *, beta=1, alpha=1):
     calls.append(("addmm",))
     product = torch.mm(mat1.float(), mat2.float())
     return (alpha * product + beta * bias.float().broadcast_to(product.shape)).to(mat1.dtype)
+
+
+SUPPORTED_FP8_DTYPE = torch.float32  # the real one: float8_e4m3fn on sm90+ devices, float32 elsewhere (this "device")
+
+
+def per_token_group_quant_fp8(x, group_size, eps=1e-10, dtype=None, column_major_scales=False, scale_ue8m0=False):
+    """Groups of ``group_size`` along the last dim: ``s = max(|g|, eps) / max``, ``q = clamp(g / s)`` in fp32,
+    stored as `dtype` (default SUPPORTED_FP8_DTYPE, which is float32 off sm90). Returns ``(q like x, s of
+    shape x.shape[:-1] + (groups,))``; the row stride is read as ``x.shape[1]`` columns (2-D in practice)."""
+    assert not column_major_scales and not scale_ue8m0, "fake: only row-major fp32 scales modelled"
+    fp8_dtype = SUPPORTED_FP8_DTYPE if dtype is None else dtype
+    assert x.shape[-1] % group_size == 0, "the last dimension of `x` must be divisible by `group_size`"
+    assert x.stride(-1) == 1, "`x` groups must be contiguous"
+    calls.append(("per_token_group_quant_fp8", group_size))
+    finfo = torch.finfo(fp8_dtype)  # raises TypeError for an integer dtype, as the real one
+    groups = x.float().reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+    scale = groups.abs().amax(dim=-1, keepdim=True).clamp(min=eps) / finfo.max
+    q = (groups / scale).clamp(finfo.min, finfo.max).to(fp8_dtype)
+    return q.reshape(x.shape), scale.squeeze(-1)
+
+
+def cutlass_scaled_mm(c, a, b, a_scale, b_scale, bias=None):
+    """``c = (a @ b) * a_scale * b_scale`` cast to c's dtype, then ``+ bias`` (added after the cast, as the real
+    kernel does), written into c. a row-major ``[M, K]`` fp8 or int8, b column-major ``[K, N]``; scales fp32,
+    per tensor (one), per token (``M``) / per channel (``N``) elements, contiguous; the real wrapper's asserts."""
+    assert a.dim() == 2 and b.dim() == 2 and c.dim() == 2, "All inputs must be 2D tensors"
+    assert c.size(0) == a.size(0) and a.size(1) == b.size(0) and b.size(1) == c.size(1)
+    assert a.stride(1) == 1 and c.stride(1) == 1, "a and c must be row-major"
+    assert b.stride(0) == 1, "b must be column-major"
+    assert c.stride(0) % 16 == 0, "Row stride of c must be 16-byte aligned"
+    assert b.stride(1) % 16 == 0, "Column stride of b must be 16-byte aligned"
+    if bias is not None:
+        assert bias.numel() == b.size(1) and bias.is_contiguous() and bias.dim() == 1
+    assert a_scale.dtype == torch.float32 and b_scale.dtype == torch.float32, "scales must be float32"
+    assert a_scale.numel() in (1, a.size(0)) and b_scale.numel() in (1, b.size(1)), "fake: block-wise not modelled"
+    assert a_scale.is_contiguous() and b_scale.is_contiguous()
+    assert a.dtype in (torch.float8_e4m3fn, torch.int8) and b.dtype == a.dtype, f"Unsupported dtype: {a.dtype}"
+    calls.append(("cutlass_scaled_mm", str(a.dtype).removeprefix("torch.")))
+    acc = torch.mm(a.double(), b.double()).float()  # exact for int8 (int32 in the real kernel) and fp8 products
+    out = (a_scale.reshape(-1, 1) * acc * b_scale.reshape(1, -1)).to(c.dtype)
+    if bias is not None:
+        out = (out + bias).to(c.dtype)
+    c.copy_(out)
+    return c

@@ -1,0 +1,3 @@
+"""Framework tensor ops. Importing registers them into ``TENSOR_REGISTER``."""
+
+from .tensor import DefaultTensor  # noqa: F401
