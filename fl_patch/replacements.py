@@ -20,15 +20,16 @@ def kernel_pair(kernel_module: ModuleType, form: str, provider: str, rec) -> tup
 
     With the gems provider, ``unsupported(provider, tensor, ...)`` first asks the router of routing key
     ``<family>.<form>`` (the module's FAMILY; form defaults to it) about the deciding tensor, the first one: a
-    launch-bound call leaves there, before the shape checks."""
+    launch-bound call leaves there, before the shape checks. A module whose FAMILY is None has no routing (no
+    faster native path to route to)."""
     suffix = f"_{form}" if form else ""
     kernel = getattr(kernel_module, f"{provider}{suffix}")
     unsupported = getattr(kernel_module, f"unsupported{suffix}")
-    if provider != "gems":
+    family = kernel_module.FAMILY
+    if provider != "gems" or family is None:
         return kernel, unsupported
     from fl_patch import routing
 
-    family = kernel_module.FAMILY
     route = routing.router(f"{family}.{form or family}", routing.is_lifted(rec.target, rec.family))
 
     def routed(provider, tensor, *rest):

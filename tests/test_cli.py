@@ -1,6 +1,7 @@
 """The fl-patch command as a Unix tool, and the text report: subprocesses where the process matters."""
 
 import configparser
+import re
 import subprocess
 import sys
 
@@ -62,7 +63,7 @@ def test_the_report_names_every_target_and_folds_rows_waiting_for_a_missing_libr
     line = next(line for line in text.splitlines() if "torch.nn.functional.rms_norm" in line)
     assert " torch.rms_norm " in line
     assert "lightx2v.rope.flagos" not in text  # LightX2V is not installed here: its rows are one line
-    assert "14 more rows wait for lightx2v, lightx2v_platform, not installed" in text
+    assert re.search(r"\n  \d+ more rows wait for lightx2v, lightx2v_platform, not installed", text)
 
 
 def test_the_summary_line_says_how_to_run_without_flag_gems(monkeypatch):

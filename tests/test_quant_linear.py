@@ -2,6 +2,8 @@
 W8A8 reference against an exact dequantised product, every ``unsupported_*`` routing decision, and the gems
 paths through the fake FlagGems (tests/fake_flag_gems: the 5.0.2 signatures, asserts and quirks)."""
 
+import types
+
 import pytest
 import torch
 
@@ -111,8 +113,13 @@ def test_gems_tensor_check_comes_first_and_small_inputs_stay_on_the_kernel(form,
     monkeypatch.setattr(gems, "device_reason", lambda tensor: None)
     assert reasons(form, "gems", torch.randn(4, 64), weight, scale, None, torch.bfloat16) == "dtype float32"
     assert reasons(form, "gems", torch.randn(0, 64).bfloat16(), weight, scale, None, torch.bfloat16) == "empty tensor"
-    monkeypatch.setattr(gems, "small_input_elements", lambda: 1 << 30)  # every call "small": no reason here
     assert reasons(form, "gems", torch.randn(4, 64).bfloat16(), weight, scale, None, torch.bfloat16) == "not sm90"
+    # no device-profile routing in front: the alternative to the kernel is the fp32 reference, never faster
+    from fl_patch.replacements import kernel_pair
+
+    record = types.SimpleNamespace(target="lightx2v.linear.flagos_fp8", family="linear")
+    _, unsupported = kernel_pair(quant_linear, form, "gems", record)
+    assert unsupported is getattr(quant_linear, f"unsupported_{form}")
 
 
 @pytest.mark.parametrize("form", FORMS)

@@ -923,7 +923,7 @@ def _quant_mm_apply(form: str, rec, provider: str | None) -> Callable:
     from fl_patch.kernels import quant_linear
 
     reference = getattr(quant_linear, f"reference_{form}")
-    kernel, unsupported = kernel_pair(quant_linear, form, provider) if provider else (None, None)
+    kernel, unsupported = kernel_pair(quant_linear, form, provider, rec) if provider else (None, None)
 
     def apply(self, input_tensor):
         weight, scale, bias = self.weight, self.weight_scale, self._get_actual_bias()
@@ -931,9 +931,13 @@ def _quant_mm_apply(form: str, rec, provider: str | None) -> Callable:
             reason = "no kernel provider"
         else:
             reason = unsupported(provider, input_tensor, weight, scale, bias, self.infer_dtype)
+        output = None
         if reason is None:
-            output = kernel(input_tensor, weight, scale, bias, self.infer_dtype)
-        else:
+            try:
+                output = kernel(input_tensor, weight, scale, bias, self.infer_dtype)
+            except Exception as exc:
+                reason = kernel_failed(rec, exc)
+        if output is None:
             rec.fallback(reason)
             output = reference(input_tensor, weight, scale, bias, self.infer_dtype)
         return output + self.apply_lora(input_tensor) if self.has_lora_branch else output

@@ -28,8 +28,10 @@ INT8_MAX = 127.0
 EPS = 1e-10  # FlagGems' per_token_group_quant_fp8 default
 HALF = (torch.float16, torch.bfloat16)
 WEIGHT_DTYPES = {"fp8": FP8, "int8": torch.int8}
-# The routing key of each form, for gems.tensor_reason's per-form routing (see _tensor_reason).
-ROUTING_KEYS = {"fp8": "linear.fp8", "int8": "linear.int8"}
+# No performance routing (fl_patch.routing) for these forms: the alternative to the kernel is not a faster native
+# op but the dequantised fp32 reference (an fp32 copy of the weight and an fp32 GEMM per call);
+# tests/gpu/lightx2v_quant_gpu.py times both at Wan's 512-token text GEMMs (``reference_ms``).
+FAMILY = None
 
 
 def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,16 +122,8 @@ def _unsupported(form, provider, x, weight, weight_scale, bias, out_dtype) -> st
 
 
 def _tensor_reason(provider: str, x: torch.Tensor, form: str) -> str | None:
-    """gems' per-call tensor check (torch.compile, device, dtype, empty), the one place this module calls it;
-    ``ROUTING_KEYS[form]`` names the call for per-form routing.
-
-    A small input is no reason here: the alternative to the kernel is not a native op but the dequantised fp32
-    reference (an fp32 copy of the weight and an fp32 GEMM per call); tests/gpu/lightx2v_quant_gpu.py times
-    both at Wan's 512-token text GEMMs (``reference_ms``)."""
-    if provider != "gems":
-        return None
-    reason = _gems.tensor_reason(x)
-    return None if reason == _gems.SMALL_INPUT else reason
+    """gems' per-call tensor check (torch.compile, device, dtype, empty), the one place this module calls it."""
+    return _gems.tensor_reason(x) if provider == "gems" else None
 
 
 _chip_reasons: dict = {}
