@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU proof of this checkout, in two parts that each fit one 10-minute device call (results under OUT, each
+# step bounded by a timeout so that a slow one can't take the others' time):
+#   bash tests/gpu/device_proof.sh profile OUT   # fl-patch check, fl-patch tune (profile in the user cache),
+#                                                # fl-patch status, bench_e2e on Llama (tuned / hand table / off / HF)
+#   bash tests/gpu/device_proof.sh rest OUT      # bench_e2e on Qwen3, LightX2V's quantised keys and DiT step,
+#                                                # fl-patch check --global
+# Needs the wheels of ../shared/gpu/wheels.sh in .whl (and, for `rest`, tests/gpu/export_lightx2v.sh's .lightx2v).
+set -u
+part=$1
+out=$2
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+versions() {
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
+'transformers', transformers.__version__)"
+  date -u +%Y-%m-%dT%H:%M:%SZ
+}
+e2e() {  # model, seconds allowed
+  timeout "$2" python3 benchmarks/bench_e2e.py --models "$1" --parts prefill,decode \
+    --variants fl_patch,fl_patch_hand,fl_patch_off --rounds 3 --seconds 0.5 --no-liger --out "$out" \
+    --name "e2e_profile_$1" > "$out/e2e_$1.log" 2>&1
+  echo "e2e $1 rc=$?"
+}
+step() {  # name, seconds allowed, command...: its output to OUT/<name>.log, its wall time said
+  local name=$1 limit=$2 began
+  shift 2
+  began=$(date +%s)
+  { versions; timeout "$limit" "$@"; echo "rc=$? wall=$(( $(date +%s) - began ))s"; } > "$out/$name.log" 2>&1
+  echo "$name: $(tail -n 1 "$out/$name.log")"
+}
+case "$part" in
+  profile)
+    step check 150 python3 -m fl_patch check --json "$out/check.json"
+    step tune 190 python3 -m fl_patch tune
+    cp ~/.cache/fl_patch/profiles/*.json "$out/"
+    python3 -m fl_patch status > "$out/status.txt" 2>&1
+    e2e llama 220
+    ;;
+  rest)
+    e2e qwen3 230
+    step lightx2v-quant 200 python3 tests/gpu/lightx2v_quant_gpu.py --lightx2v-src .lightx2v --out-dir "$out"
+    step check-global 100 python3 -m fl_patch check --global --families swiglu --json "$out/check-global.json"
+    ;;
+  *)
+    echo "device_proof.sh: part $part? accepted: profile, rest" >&2
+    exit 2
+    ;;
+esac
+ls -la "$out"
