@@ -5,6 +5,7 @@
 #                                                # fl-patch status, bench_e2e on Llama (tuned / hand table / off / HF)
 #   bash tests/gpu/device_proof.sh rest OUT      # bench_e2e on Qwen3, LightX2V's quantised keys and DiT step,
 #                                                # fl-patch check --global
+#   bash tests/gpu/device_proof.sh check OUT     # fl-patch check alone, with the time a fresh machine needs
 # Needs the wheels of ../shared/gpu/wheels.sh in .whl (and, for `rest`, tests/gpu/export_lightx2v.sh's .lightx2v).
 set -u
 part=$1
@@ -45,8 +46,11 @@ case "$part" in
     step lightx2v-quant 200 python3 tests/gpu/lightx2v_quant_gpu.py --lightx2v-src .lightx2v --out-dir "$out"
     step check-global 100 python3 -m fl_patch check --global --families swiglu --json "$out/check-global.json"
     ;;
+  check)
+    step check 300 python3 -m fl_patch check --json "$out/check.json"
+    ;;
   *)
-    echo "device_proof.sh: part $part? accepted: profile, rest" >&2
+    echo "device_proof.sh: part $part? accepted: profile, rest, check" >&2
     exit 2
     ;;
 esac
