@@ -14,9 +14,12 @@ repeat the time per call is ``max(device, host)``; a point's time is the median 
 wall time of the loop, synchronised.
 
 Decision rule (:func:`decide`), per form, over its measured points sorted by elements: N is the smallest
-measured size at which FlagGems is faster and at every measured size from N on FlagGems <= native x (1 +
-noise). N at the smallest measured size: ``route: gems, min_elements: 0``; another N: ``route: gems,
-min_elements: N`` (calls with fewer elements go native); no N: ``route: native``. So the patched call is
+measured size at which FlagGems is faster by more than noise (gems x (1 + noise) < native, at every point of
+that size) and at every measured size from N on FlagGems <= native x (1 + noise). A win within noise does not
+count: it gains nothing that can be told from chance (on the H200 a rope "win" of 7% within 16% noise sent
+launch-bound decode calls to FlagGems; benchmarks/results/e2e_profile_qwen3_run1.md). N at the smallest
+measured size: ``route: gems, min_elements: 0``; another N: ``route: gems, min_elements: N`` (calls with fewer
+elements go native); no N: ``route: native``. So the patched call is
 never slower than native by more than noise at a measured size. The family's own entry, which applies to its
 forms not listed, is the most conservative of its measured forms (native if one is, else the largest N).
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import statistics
 import sys
@@ -57,7 +61,8 @@ MIN_CALLS, MAX_CALLS = 3, 200
 # ~25 s with its first tuning) fit in the rest.
 BUDGET_S = 130.0
 RULE = ("per form over its measured points sorted by elements: N = the smallest measured size where FlagGems is "
-        "faster and gems <= native x (1 + noise) at every measured size from N on; N at the smallest size -> "
+        "faster by more than noise (gems x (1 + noise) < native) and gems <= native x (1 + noise) at every measured "
+        "size from N on; N at the smallest size -> "
         "route gems, min_elements 0; else route gems, min_elements N; no such N -> route native. Time per call = "
         "max(device-event time, host time) of a loop of back-to-back calls, median of the repeats; noise = max(3%, "
         "(max - min) / median of either side). A family's own entry is the most conservative of its forms.")
@@ -71,6 +76,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--families", default="", help="comma list of families or keys (rms_norm, rope.hf, ...)")
     parser.add_argument("--budget-s", type=float, default=BUDGET_S, help="start no new form after this many seconds")
     parser.add_argument("--device", default=None, help="torch device (default: the first accelerator found)")
+    parser.add_argument("--redecide", type=Path, default=None, metavar="PROFILE",
+                        help="measure nothing: decide again from PROFILE's measurements by this fl_patch's rule, "
+                             "written to --out (default: PROFILE itself)")
     args = parser.parse_args(argv)
     if args.budget_s <= 0:
         parser.error(f"--budget-s {args.budget_s:g}: give a number of seconds above 0")
@@ -80,6 +88,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Measure, decide and write the profile; 0 when written, 2 for bad arguments or no usable FlagGems."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.redecide is not None:
+        return redecide(args.redecide, args.out or args.redecide)
     fl_patch.revert()  # time the originals, even under the bootstrap
     try:
         forms = kernel_cases.select(args.families)
@@ -117,6 +127,29 @@ def _default_path(quick: bool, device: dict, flag_gems_version: str | None) -> P
 
 def dtype_name() -> str:
     return str(DTYPE).removeprefix("torch.")
+
+
+def redecide(source: Path, out: Path) -> int:
+    """Decide every family of the profile `source` again from its recorded measurements (the rule may have
+    changed since it was measured) and write it to `out`; 2 with a message when `source` can't be used."""
+    try:
+        profiles.read(source, "--redecide")
+        data = json.loads(source.read_text(encoding="utf-8"))
+    except profiles.ProfileError as exc:
+        print(f"fl-patch tune: {exc}", file=sys.stderr)
+        return 2
+    for family, entry in data["families"].items():
+        measured = [dict(p, gems_us=math.inf if p["gems_us"] is None else p["gems_us"])
+                    for p in entry.get("measurements", []) if "gems_us" in p]
+        forms = {form: decide([p for p in measured if p["form"] == form])
+                 for form in dict.fromkeys(p["form"] for p in measured)}
+        if forms:
+            entry.update(family_decision(forms), forms=forms)
+            print(f"  {family:<11} {_route(entry):<22} ({', '.join(f'{f} {_route(d)}' for f, d in forms.items())})")
+    data["rule"] = RULE
+    profiles.write(data, out)
+    print(f"fl-patch tune: decided again from {source}'s measurements; wrote {out}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ timing
@@ -215,29 +248,34 @@ def decide(points: list[dict]) -> dict:
     if not points:
         raise ValueError("decide() needs at least one measured point")
     ordered = sorted(points, key=lambda p: p["elements"])
-    smallest, largest = ordered[0]["elements"], ordered[-1]["elements"]
+    smallest, largest = size_label(ordered[0]["elements"]), size_label(ordered[-1]["elements"])
 
     def within(point: dict) -> bool:
         return point["gems_us"] <= point["native_us"] * (1 + point["noise"])
 
+    def wins(point: dict) -> bool:  # faster by more than the noise: a win the measurement can tell from chance
+        return point["gems_us"] * (1 + point["noise"]) < point["native_us"]
+
     for point in ordered:
         above = [p for p in ordered if p["elements"] >= point["elements"]]
-        if point["gems_us"] < point["native_us"] and all(within(p) for p in above):
+        same = [p for p in above if p["elements"] == point["elements"]]
+        if all(wins(p) for p in same) and all(within(p) for p in above):
             threshold = point["elements"]
             break
     else:
         slower = list(dict.fromkeys(size_label(p["elements"]) for p in ordered if not within(p)))
-        detail = f"slower than native beyond noise at {', '.join(slower)}" if slower else "never faster than native"
+        detail = (f"slower than native beyond noise at {', '.join(slower)}" if slower
+                  else "never faster than native by more than noise")
         return {"route": "native", "min_elements": 0,
-                "why": f"no measured size from which FlagGems is faster and stays within noise of native at every "
-                       f"larger one ({detail}; measured {size_label(smallest)}..{size_label(largest)} elements)"}
-    if threshold == smallest:
+                "why": f"no measured size from which FlagGems is faster beyond noise and stays within noise of "
+                       f"native at every larger one ({detail}; measured {smallest}..{largest} elements)"}
+    rest = f"within noise of native or faster at every larger measured size up to {largest}"
+    if threshold == ordered[0]["elements"]:
         return {"route": "gems", "min_elements": 0,
-                "why": f"FlagGems is faster at the smallest measured size ({size_label(smallest)} elements) and "
-                       f"within noise of native or faster at every larger one up to {size_label(largest)}"}
+                "why": f"FlagGems is faster beyond noise at the smallest measured size ({smallest} elements), {rest}"}
     return {"route": "gems", "min_elements": threshold,
-            "why": f"native below {threshold} elements; from {size_label(threshold)} on FlagGems is faster, and within "
-                   f"noise of native or faster at every larger measured size up to {size_label(largest)}"}
+            "why": f"native below {threshold} elements; from {size_label(threshold)} on FlagGems is faster beyond "
+                   f"noise, {rest}"}
 
 
 def family_decision(forms: dict[str, dict]) -> dict:

@@ -69,6 +69,29 @@ def test_noise_decides_what_counts_as_slower():
     assert decide(points((10, 10), (9, 10)))["min_elements"] == 1 << 14  # equal is not faster
 
 
+def test_a_win_within_noise_does_not_count():
+    from fl_patch.tuning import decide
+
+    # 7% faster within 16% noise, then within noise: nothing to tell from chance, so native until a real win
+    decision = decide(points((10, 10.7), (10, 10.1), (5, 10), noise=0.16))
+    assert (decision["route"], decision["min_elements"]) == ("gems", 1 << 16)
+    assert decide(points((10, 10.7), (10, 10.1), noise=0.16))["route"] == "native"
+
+
+def test_redecide_rewrites_a_profile_from_its_measurements(tmp_path):
+    from fl_patch import profiles, tuning
+
+    point = {"form": "hf", "variant": "v", "shape": "s", "dtype": "bfloat16", "noise": 0.16}
+    measured = [dict(point, elements=1 << 12, gems_us=10, native_us=10.7),
+                dict(point, elements=1 << 24, gems_us=5, native_us=10)]
+    source = profiles.write({"schema": 1, "device": {"name": "X"}, "versions": {}, "families": {
+        "rope": {"route": "gems", "min_elements": 0, "why": "old rule", "forms": {"hf": {"route": "gems"}},
+                 "measurements": measured}}}, tmp_path / "p.json")
+    assert tuning.main(["--redecide", str(source), "--out", str(tmp_path / "new.json")]) == 0
+    rope = profiles.read(tmp_path / "new.json", "test").forms["rope.hf"]
+    assert (rope.route, rope.min_elements) == ("gems", 1 << 24)
+
+
 def test_points_of_one_size_from_two_variants_must_both_hold():
     from fl_patch.tuning import decide
 

@@ -148,6 +148,10 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def _scaled_mm(flag_gems, x, q, scale, weight, weight_scale, bias, out_dtype):
     out = torch.empty((q.shape[0], weight.shape[0]), dtype=out_dtype, device=q.device)
+    if bias is not None and bias.dtype != out_dtype:
+        # FlagGems 5.0.2's kernel adds the bias after its output cast, and fails to compile (CompilationError "at
+        # 94:4", its `c += bias`) for a bias of another dtype (an H200, triton 3.6): give it the bias in out's dtype
+        bias = bias.to(out_dtype)
     flag_gems.cutlass_scaled_mm(out, q, weight.t(), scale, weight_scale, bias)  # b: the column-major [K, N] view
     return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
 

@@ -277,6 +277,9 @@ def cutlass_scaled_mm(c, a, b, a_scale, b_scale, bias=None):
     assert b.stride(1) % 16 == 0, "Column stride of b must be 16-byte aligned"
     if bias is not None:
         assert bias.numel() == b.size(1) and bias.is_contiguous() and bias.dim() == 1
+        # 5.0.2's Triton kernel fails to compile (CompilationError "at 94:4", its `c += bias`) when the bias is not
+        # of c's dtype: seen on an H200 with triton 3.6, 2026-12-03
+        assert bias.dtype == c.dtype, "fake: a bias of another dtype than c does not compile in the real kernel"
     assert a_scale.dtype == torch.float32 and b_scale.dtype == torch.float32, "scales must be float32"
     assert a_scale.numel() in (1, a.size(0)) and b_scale.numel() in (1, b.size(1)), "fake: block-wise not modelled"
     assert a_scale.is_contiguous() and b_scale.is_contiguous()
