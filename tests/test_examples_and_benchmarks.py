@@ -75,9 +75,10 @@ def test_e2e_benchmark_rounds_interleave_and_keep_each_round(tmp_path):
 def test_routing_benchmark_quick_routes_every_call_natively():
     out = run_script("benchmarks/bench_routing.py", "--quick").stdout
     assert "fl_patch / HF:" in out
-    for place in ("LlamaMLP.forward", "apply_rotary_pos_emb"):
-        assert re.search(place + r": \{'small input': \d+\}", out), out
-    assert re.search(r"LlamaRMSNorm.forward: \{'small input \(torch rms_norm\)': \d+\}", out), out
+    routed = r"'(small input|native by profile)"
+    for place in ("LlamaMLP.forward", "apply_rotary_pos_emb", "functional.linear", "AttentionInterface['sdpa']"):
+        assert re.search(re.escape(place) + r": \{" + routed + r"': \d+\}", out), out
+    assert re.search(r"LlamaRMSNorm.forward: \{" + routed + r" \(torch rms_norm\)': \d+\}", out), out
 
 
 def test_profile_benchmark_quick_groups_operator_time(tmp_path):
