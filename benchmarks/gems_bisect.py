@@ -40,12 +40,12 @@ import sys
 import time
 import traceback
 import types
-from collections import Counter
 from pathlib import Path
 
 import torch
 from model_configs import model_config  # benchmarks/, on sys.path as the script's folder
-from torch.utils._python_dispatch import TorchDispatchMode
+
+from fl_patch.global_check import OpRecorder
 
 BAD_VERDICTS = ("nan", "error", "slow", "crash")
 
@@ -67,26 +67,6 @@ def parse_args(argv):
         args.batch, args.seq, args.reps = 2, 16, 3
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     return args
-
-
-class OpRecorder(TorchDispatchMode):
-    """Counts the aten ops a forward calls, including those inside CompositeImplicit decompositions
-    (``linear`` -> ``mm``), which are where FlagGems registers most kernels."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func.name()
-        self.calls[name.split("::")[-1].removesuffix(".default")] += 1
-        if torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeImplicitAutograd"):
-            with self:
-                out = func.decompose(*args, **kwargs)
-            if out is not NotImplemented:
-                return out
-        return func(*args, **kwargs)
 
 
 class Study:
