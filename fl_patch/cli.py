@@ -130,9 +130,9 @@ def _profile(chosen, problems: list[str]) -> dict:
 
 
 def _route_words(entry: dict) -> str:
-    if entry["route"] == "native":
-        return "native"
-    return f"gems from {entry['min_elements']} elements" if entry["min_elements"] else "gems"
+    from fl_patch import profiles
+
+    return profiles.route_words(entry["route"], entry["min_elements"])
 
 
 # Commands whose module parses its own options (imported only when run: they import torch).

@@ -78,10 +78,13 @@ class Profile:
     data: dict = field(repr=False, default_factory=dict)
 
     def decision(self, key: str) -> Decision:
-        """The decision for routing key ``family.form``: the form's own, else the family's, else gems everywhere."""
+        """The decision for routing key ``family.form``: the form's own, else the family's."""
         if key in self.forms:
             return self.forms[key]
-        family = key.split(".", 1)[0]
+        return self.family_decision(key.split(".", 1)[0])
+
+    def family_decision(self, family: str) -> Decision:
+        """The family's own decision, or gems everywhere when the profile did not measure it."""
         return self.families.get(family, Decision("gems", 0, "not measured in this profile"))
 
     def matches(self, device) -> bool:
@@ -104,6 +107,13 @@ class Profile:
 
 def _same_name(a: str, b: str) -> bool:
     return " ".join(a.lower().split()) == " ".join(b.lower().split())
+
+
+def route_words(route: str, min_elements: int) -> str:
+    """A decision in a few words: ``native``, ``gems`` or ``gems >= N``."""
+    if route == "native":
+        return "native"
+    return f"gems >= {min_elements}" if min_elements else "gems"
 
 
 def cache_dir(env=None) -> Path:

@@ -31,10 +31,7 @@ def summary(rank: int) -> dict:
     profile = routing.describe()
     device = profile.get("device") or {}
     records = runtime.records()
-    calls: dict[str, int] = {}
-    for record in records:
-        for reason, count in record["fallbacks"].items():
-            calls[reason] = calls.get(reason, 0) + count
+    calls = _summed(record["fallbacks"] for record in records)
     return {
         "rank": rank,
         "vendor": device.get("vendor") or "-",
@@ -104,10 +101,7 @@ def table(summaries: list[dict]) -> str:
             groups.setdefault((entry["vendor"], entry["device"], entry["profile"]), []).append(entry)
     lines = [f"fl_patch ranks: {len(summaries)} (by vendor / device / profile)"]
     for (vendor, device, profile), members in groups.items():
-        calls: dict[str, int] = {}
-        for member in members:
-            for reason, count in member["calls_not_on_flag_gems"].items():
-                calls[reason] = calls.get(reason, 0) + count
+        calls = _summed(member["calls_not_on_flag_gems"] for member in members)
         called = ", ".join(f"{reason}: {n}" for reason, n in sorted(calls.items())) or "none"
         ranks = _spans([m["rank"] for m in members])
         lines.append(f"  ranks {ranks}: {vendor}, {device}, profile {profile}; {members[0]['on_flag_gems']} places on"
@@ -116,6 +110,15 @@ def table(summaries: list[dict]) -> str:
     if missing:
         lines.append(f"  ranks {_spans(missing)}: no summary within {WAIT_SECONDS:.0f} s (ended early?)")
     return "\n".join(lines)
+
+
+def _summed(counts) -> dict[str, int]:
+    """Per reason, the sum of several {reason: count} dicts."""
+    total: dict[str, int] = {}
+    for one in counts:
+        for reason, count in one.items():
+            total[reason] = total.get(reason, 0) + count
+    return total
 
 
 def _spans(ranks: list[int]) -> str:

@@ -6,6 +6,7 @@ when they hand a call to the original, and the first fallback per (record, reaso
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -77,14 +78,12 @@ def format_table(records: list[dict], notes: tuple[str, ...] = ()) -> str:
     """A readable text table of records (family, state, provider, target name, place, detail), sorted by family,
     after a summary line and `notes` (one line each, such as the device profile in force). Rows waiting for a
     library that is not installed are folded into one line."""
-    import importlib.util
-
-    missing: dict[str, list[str]] = {}
+    missing: dict[str, int] = {}  # library not installed -> rows waiting for it
     shown = []
     for record in records:
         package = record["where"].split(".", 1)[0]
-        if record["state"] == "waiting" and _not_installed(package, importlib.util):
-            missing.setdefault(package, []).append(record["target"])
+        if record["state"] == "waiting" and _not_installed(package):
+            missing[package] = missing.get(package, 0) + 1
         else:
             shown.append(record)
     counts = summary(records)
@@ -102,15 +101,14 @@ def format_table(records: list[dict], notes: tuple[str, ...] = ()) -> str:
             f" {record['where']}" + (f"  ({detail})" if detail else "")
         )
     if missing:
-        count = sum(len(targets) for targets in missing.values())
-        lines.append(f"  {count} more rows wait for {', '.join(sorted(missing))}, not installed"
+        lines.append(f"  {sum(missing.values())} more rows wait for {', '.join(sorted(missing))}, not installed"
                      " (`fl-patch status --json` lists them)")
     return "\n".join(lines)
 
 
-def _not_installed(package: str, util) -> bool:
+def _not_installed(package: str) -> bool:
     try:
-        return package not in sys.modules and util.find_spec(package) is None
+        return package not in sys.modules and importlib.util.find_spec(package) is None
     except (ImportError, ValueError):
         return True
 

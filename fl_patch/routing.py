@@ -21,6 +21,7 @@ the profile keeps native runs FlagGems at every size for them (a measured size t
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -46,7 +47,7 @@ class _Routing:
         self.lookup: profiles.Lookup | None = None
         self.device = None  # devices.DeviceInfo once resolved
         self.tables: dict[bool, dict[str, tuple[int, str]]] = {False: {}, True: {}}  # lifted -> key -> entry
-        self.warned = False
+        self.said: set[str] = set()  # problems already logged (a broken FL_PATCH_PROFILE file, at configure)
 
 
 _routing = _Routing()
@@ -64,26 +65,20 @@ def configure(settings, registry) -> None:
         _routing.lifted_families = frozenset(
             t.family for t in registry.targets.values() if t.family in include or t.name in include)
         _routing.explicit_targets = frozenset(t.name for t in registry.targets.values() if t.explicit_choice)
-        _routing.lookup, _routing.device, _routing.warned = None, None, False
+        _routing.lookup, _routing.device = None, None
+        _routing.said.clear()
         for table in _routing.tables.values():
             table.clear()  # in place: routers hold these dicts
     setting = settings.profile
-    if settings.kernels == "gems" and setting not in (None, profiles.OFF):
+    if settings.kernels == "gems" and setting not in (None, profiles.OFF) and not os.path.isdir(setting):
         try:
-            if not _is_dir(setting):
-                profiles.read(setting, "FL_PATCH_PROFILE")
+            profiles.read(setting, "FL_PATCH_PROFILE")
         except profiles.ProfileError as exc:
             if settings.strict:
                 raise
             log.warning("fl_patch: %s; FL_PATCH_PROFILE ignored: no performance routing from it", exc)
             with _routing.lock:
-                _routing.warned = True
-
-
-def _is_dir(path: str) -> bool:
-    import os
-
-    return os.path.isdir(path)
+                _routing.said.add(str(exc))
 
 
 def is_lifted(target: str, family: str) -> bool:
@@ -145,7 +140,7 @@ def resolve(device) -> profiles.Lookup:
 
 def _say(lookup: profiles.Lookup, info) -> None:
     """Log, once, what the lookup found: broken files (an error in strict mode), or that there is no profile."""
-    problems = [p for p in lookup.problems if not (_routing.warned and p.startswith(f"profile {lookup.setting}:"))]
+    problems = [problem for problem in lookup.problems if problem not in _routing.said]
     if problems and _routing.strict:
         raise profiles.ProfileError("; ".join(problems))
     for problem in problems:
@@ -196,7 +191,7 @@ def _families(profile: profiles.Profile, lifted: list[str]) -> dict:
     """Per family: its route, threshold, why, its forms' own decisions, and whether include lifts it."""
     out = {}
     for family, forms in profiles.FAMILY_FORMS.items():
-        decision = profile.families.get(family, profiles.Decision("gems", 0, "not measured in this profile"))
+        decision = profile.family_decision(family)
         entry = {"route": decision.route, "min_elements": decision.min_elements, "why": decision.why}
         own = {form: vars(profile.forms[f"{family}.{form}"]) for form in forms if f"{family}.{form}" in profile.forms}
         if own:

@@ -413,9 +413,7 @@ class Tuner:
 
 
 def _route(decision: dict) -> str:
-    if decision["route"] == "native":
-        return "native"
-    return "gems" if not decision["min_elements"] else f"gems >= {decision['min_elements']}"
+    return profiles.route_words(decision["route"], decision["min_elements"])
 
 
 def _ratio(point: dict) -> str:

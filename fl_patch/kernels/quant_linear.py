@@ -89,7 +89,7 @@ def _unsupported(form, provider, x, weight, weight_scale, bias, out_dtype) -> st
     (or one in all), bias None or ``(N,)``. gems also (FlagGems' asserts and its sm90-only dispatch): the chip,
     an fp16/bf16 output, fp32 contiguous scales, a contiguous bias, a row-major weight with a row stride and
     N that are multiples of 16, no autograd."""
-    reason = _tensor_reason(provider, x, form)
+    reason = _gems.tensor_reason(x) if provider == "gems" else None  # first: see gems.tensor_reason
     if reason is not None:
         return reason
     if weight.dim() != 2 or x.dim() == 0 or x.shape[-1] != weight.shape[1]:
@@ -119,11 +119,6 @@ def _unsupported(form, provider, x, weight, weight_scale, bias, out_dtype) -> st
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
         return "requires grad"
     return None
-
-
-def _tensor_reason(provider: str, x: torch.Tensor, form: str) -> str | None:
-    """gems' per-call tensor check (torch.compile, device, dtype, empty), the one place this module calls it."""
-    return _gems.tensor_reason(x) if provider == "gems" else None
 
 
 _chip_reasons: dict = {}
