@@ -132,7 +132,7 @@ def _profile(chosen, problems: list[str]) -> dict:
 def _route_words(entry: dict) -> str:
     from fl_patch import profiles
 
-    return profiles.route_words(entry["route"], entry["min_elements"])
+    return profiles.route_words(entry["route"], entry["min_elements"], entry.get("device_bound"))
 
 
 # Commands whose module parses its own options (imported only when run: they import torch).

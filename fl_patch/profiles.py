@@ -3,6 +3,8 @@
 A profile says, per kernel family (and optionally per form of it), whether calls on that device go to FlagGems
 (``"route": "gems"``, at or above ``min_elements`` elements of the call's deciding tensor, 0 = every size) or
 stay on the native path (``"route": "native"``), with a ``why`` for people and the measurements it came from.
+That decision holds when nothing else keeps the device busy (launch-bound); an optional ``device_bound`` decision
+of the same shape holds while the host is ahead of the device (see :mod:`fl_patch.routing`).
 Nothing in a profile is executed: it is parsed as JSON and checked field by field.
 
 Where profiles come from, first match wins: ``FL_PATCH_PROFILE`` (a file, a folder of profiles, or ``off``: no
@@ -19,6 +21,7 @@ The format (``schema`` 1)::
      "versions": {"fl_patch": "0.1.0", "torch": "2.11.0+cu130", "triton": "3.6.0", "flag_gems": "5.0.2"},
      "date": "2026-12-03T10:00:00+00:00",
      "families": {"rms_norm": {"route": "gems", "min_elements": 4194304, "why": "...",
+                               "device_bound": {"route": "gems", "min_elements": 1048576, "why": "..."},
                                "forms": {"gemma": {"route": "gems", "min_elements": 0, "why": "..."}},
                                "measurements": [...]},
                   "linear": {"route": "native", "why": "..."}}}
@@ -57,11 +60,14 @@ class ProfileError(FlPatchError):
 
 @dataclass(frozen=True)
 class Decision:
-    """How calls of one routing key go: ``route`` "gems" (at or above ``min_elements``) or "native"."""
+    """How calls of one routing key go: ``route`` "gems" (at or above ``min_elements``) or "native", measured with
+    nothing else keeping the device busy (launch-bound); ``device_bound``: the decision measured with the host
+    ahead of the device, where the profile has one (:mod:`fl_patch.tuning`)."""
 
     route: str
     min_elements: int = 0
     why: str = ""
+    device_bound: Decision | None = None
 
 
 @dataclass
@@ -109,11 +115,23 @@ def _same_name(a: str, b: str) -> bool:
     return " ".join(a.lower().split()) == " ".join(b.lower().split())
 
 
-def route_words(route: str, min_elements: int) -> str:
-    """A decision in a few words: ``native``, ``gems`` or ``gems >= N``."""
-    if route == "native":
-        return "native"
-    return f"gems >= {min_elements}" if min_elements else "gems"
+def route_words(route: str, min_elements: int, device_bound: dict | None = None) -> str:
+    """A decision in a few words: ``native``, ``gems`` or ``gems >= N``, then ``; device-bound ...`` where the
+    `device_bound` decision (a dict with route and min_elements) differs."""
+    words = "native" if route == "native" else f"gems >= {min_elements}" if min_elements else "gems"
+    if device_bound is not None:
+        bound = (device_bound["route"], device_bound.get("min_elements", 0))
+        if bound != (route, min_elements):
+            words += f"; device-bound {route_words(*bound)}"
+    return words
+
+
+def as_dict(decision: Decision) -> dict:
+    """A decision as JSON-ready data: route, min_elements, why, and device_bound where it has one."""
+    out = {"route": decision.route, "min_elements": decision.min_elements, "why": decision.why}
+    if decision.device_bound is not None:
+        out["device_bound"] = as_dict(decision.device_bound)
+    return out
 
 
 def cache_dir(env=None) -> Path:
@@ -182,7 +200,7 @@ def parse(data, path: str, source: str) -> Profile:
                    date=str(data.get("date", "")), families=decisions, forms=forms, data=data)
 
 
-def _decision(entry, where: str, fail) -> Decision:
+def _decision(entry, where: str, fail, regimes: bool = True) -> Decision:
     if not isinstance(entry, dict):
         fail(f"{where} must be an object")
     route = entry.get("route")
@@ -192,7 +210,10 @@ def _decision(entry, where: str, fail) -> Decision:
     if not isinstance(minimum, int) or isinstance(minimum, bool) or minimum < 0:
         fail(f"{where}.min_elements is {minimum!r}; accepted: an integer >= 0")
     why = entry.get("why", "")
-    return Decision(route, minimum if route == "gems" else 0, why if isinstance(why, str) else str(why))
+    bound = None
+    if regimes and entry.get("device_bound") is not None:
+        bound = _decision(entry["device_bound"], f"{where}.device_bound", fail, regimes=False)
+    return Decision(route, minimum if route == "gems" else 0, why if isinstance(why, str) else str(why), bound)
 
 
 @dataclass

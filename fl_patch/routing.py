@@ -7,6 +7,17 @@ elements of the call's deciding tensor) or stay on the native path. A call route
 :data:`~fl_patch.kernels.gems.SMALL_INPUT` (below the size) or :data:`~fl_patch.kernels.gems.PROFILE_NATIVE` (the
 family is native on this device); RMSNorm forms then run torch's fused op, the others the original.
 
+Two regimes (``fl-patch tune`` measures both). The profile's decision for a key holds when nothing else keeps the
+device busy (launch-bound: FlagGems' host cost counts in full); its ``device_bound`` decision, measured with the
+host ahead of the device, holds while the device is still busy with earlier work when the call comes (its
+stream not drained: the host cost hides behind that work, as in a large prefill). So a call at or above the
+launch-bound threshold goes to FlagGems; one below it but at or above the device-bound threshold goes to FlagGems
+only if the device's current stream has work queued (one stream query, asked only of calls in that range, never
+while a CUDA graph is captured); the rest go native. Under torch.compile the routing is decided while tracing,
+once per graph, by size alone with the device-bound decision (compiled code keeps the device fed; a graph that
+replays with CUDA graphs has no host cost at all); a compile that starts before the profile was looked up looks
+it up then, for the accelerator already in use (a compile-start callback), else it keeps the originals.
+
 The device is only known once a call brings a tensor on it, so the profile is looked up then, once per process
 (:func:`router`'s first device call), never at start-up: that keeps the device untouched until the user's code
 uses it, and under ``torchrun`` each rank finds the profile of its own device. No profile for the device: every
@@ -46,11 +57,27 @@ class _Routing:
         self.explicit_targets: frozenset[str] = frozenset()
         self.lookup: profiles.Lookup | None = None
         self.device = None  # devices.DeviceInfo once resolved
-        self.tables: dict[bool, dict[str, tuple[int, str]]] = {False: {}, True: {}}  # lifted -> key -> entry
+        self.tables: dict[bool, dict[str, Entry]] = {False: {}, True: {}}  # lifted -> key -> entry
+        self.probes: dict[str, Callable] = {}  # device type -> busy(device)
         self.said: set[str] = set()  # problems already logged (a broken FL_PATCH_PROFILE file, at configure)
 
 
 _routing = _Routing()
+
+# What a compiled call gets when the profile was not looked up before tracing (no accelerator in use yet).
+NOT_LOOKED_UP_UNDER_COMPILE = "torch.compile"
+
+
+_compiles_watched = False
+Entry = tuple  # (threshold, reason, busy_threshold, compiled_threshold): see entry()
+
+
+def entry(threshold: int, reason: str, busy_threshold: int = NATIVE) -> Entry:
+    """One routing key's decision as the router reads it, a plain tuple (cheap, and dynamo traces it):
+    calls with at least `threshold` elements go to FlagGems; below it, calls with at least `busy_threshold` go to
+    FlagGems while the device is busy; the others go native for `reason`. Under torch.compile calls with at least
+    min(threshold, busy_threshold) elements go to FlagGems."""
+    return threshold, reason, busy_threshold, min(threshold, busy_threshold)
 
 
 def configure(settings, registry) -> None:
@@ -69,6 +96,8 @@ def configure(settings, registry) -> None:
         _routing.said.clear()
         for table in _routing.tables.values():
             table.clear()  # in place: routers hold these dicts
+    if _compiles_watched:
+        _watch_compiles()
     setting = settings.profile
     if settings.kernels == "gems" and setting not in (None, profiles.OFF) and not os.path.isdir(setting):
         try:
@@ -88,38 +117,153 @@ def is_lifted(target: str, family: str) -> bool:
 
 def router(key: str, lifted: bool) -> Callable:
     """``route(tensor)`` for routing key `key`: the reason a call whose deciding tensor is `tensor` goes the
-    native way, or None to let the kernel's own check decide. Cheap: a compile check, a device check, a dict
-    lookup and a comparison; the first device call looks the profile up."""
+    native way, or None to let the kernel's own check decide. Cheap: a device check, a dict lookup and a
+    comparison (plus a stream query for calls between the two thresholds); the first device call looks the
+    profile up."""
     import torch
 
     from fl_patch.kernels import gems
 
     is_compiling = torch.compiler.is_compiling
     table = _routing.tables[lifted]
+    _watch_compiles()
 
     def route(tensor) -> str | None:
-        if is_compiling() or gems.device_reason(tensor) is not None:
-            return None  # the kernel's check says why (torch.compile, cpu tensor, meta tensor)
-        entry = table.get(key)
-        if entry is None:
-            entry = _decide(key, lifted, tensor.device)
-        return entry[1] if tensor.numel() < entry[0] else None
+        if gems.device_reason(tensor) is not None:
+            return None  # the kernel's check says why (cpu tensor, meta tensor)
+        decided = table.get(key)
+        if is_compiling():
+            if decided is None:
+                return NOT_LOOKED_UP_UNDER_COMPILE
+            return decided[1] if tensor.numel() < decided[3] else None
+        if decided is None:
+            decided = _decide(key, lifted, tensor.device)
+        elements = tensor.numel()
+        if elements >= decided[0] or (elements >= decided[2] and _busy(tensor.device)):
+            return None
+        return decided[1]
 
     return route
 
 
-def _decide(key: str, lifted: bool, device) -> tuple[int, str]:
-    """The (element threshold, reason) of `key` for rows lifted or not, looking the profile up if needed."""
-    lookup = resolve(device)
-    profile = lookup.profile
+def _decide(key: str, lifted: bool, device) -> Entry:
+    """The entry of `key` for rows lifted or not, looking the profile up if needed."""
+    decided = _entry(resolve(device).profile, key, lifted)
+    _watch_compiles()
+    with _routing.lock:
+        _routing.tables[lifted][key] = decided
+    return decided
+
+
+def _entry(profile: profiles.Profile | None, key: str, lifted: bool) -> Entry:
     decision = profile.decision(key) if profile is not None else profiles.Decision("gems", 0)
     if decision.route == "native":
-        entry = (0, SMALL_INPUT) if lifted else (NATIVE, PROFILE_NATIVE)
+        if lifted:
+            return entry(0, SMALL_INPUT)
+        threshold, reason = NATIVE, PROFILE_NATIVE
     else:
-        entry = (decision.min_elements, SMALL_INPUT)
-    with _routing.lock:
-        _routing.tables[lifted][key] = entry
-    return entry
+        threshold, reason = decision.min_elements, SMALL_INPUT
+    bound = decision.device_bound
+    busy_threshold = bound.min_elements if bound is not None and bound.route == "gems" else NATIVE
+    return entry(threshold, reason, busy_threshold)
+
+
+def _busy(device) -> bool:
+    """Whether `device`'s current stream still has work queued (so that a call's host cost hides behind it).
+    False when it can't be told (no stream query for this device type, a CUDA graph being captured, an error)
+    and with torch's deterministic algorithms on: then a call's path depends on its size alone, not on timing."""
+    if _deterministic():
+        return False
+    probe = _routing.probes.get(device.type)
+    if probe is None:
+        probe = _routing.probes.setdefault(device.type, _busy_probe(device.type))
+    return probe(device)
+
+
+def _deterministic() -> bool:
+    return sys.modules["torch"].are_deterministic_algorithms_enabled()
+
+
+def _busy_probe(device_type: str) -> Callable:
+    import torch
+
+    backend = getattr(torch, device_type, None)
+    current_stream = getattr(backend, "current_stream", None)
+    capturing = getattr(backend, "is_current_stream_capturing", None)
+    if current_stream is None:
+        return lambda device: False
+
+    def busy(device) -> bool:
+        try:
+            if capturing is not None and capturing():
+                return False  # a query would break the capture
+            return not current_stream(device).query()
+        except Exception:  # a vendor stream that can't answer: treat as idle (the launch-bound decision)
+            return False
+
+    return busy
+
+
+def _watch_compiles() -> None:
+    """A compile-start callback that looks the profile up (and fills every routing entry) for the accelerator
+    already in use, so that tracing can route by it: registered when torch._dynamo is imported, and again by
+    each apply and each first eager call of a key (``torch._dynamo.reset()`` drops every callback)."""
+    global _compiles_watched
+    if not _compiles_watched:
+        _compiles_watched = True
+        from fl_patch import hooks
+
+        hooks.watch("torch._dynamo", _register_compile_callback)
+    elif "torch._dynamo" in sys.modules:
+        _register_compile_callback(sys.modules["torch._dynamo"])
+
+
+def _register_compile_callback(dynamo) -> None:
+    handler = getattr(getattr(dynamo, "callback", None), "callback_handler", None)
+    if handler is None:  # a torch without it: compiles before the first eager call keep the originals
+        return
+    if _resolve_for_compile not in handler.start_callbacks:
+        handler.register_start_callback(_resolve_for_compile)
+
+
+def _resolve_for_compile(*_args) -> None:
+    """Compile-start callback: the profile lookup and every entry, for the accelerator in use, if there is one
+    and the lookup was not made yet. Never raises (a compile must not fail for routing)."""
+    if _routing.kernels != "gems":
+        return
+    try:
+        device = _device_in_use()
+        if device is None:
+            return
+        profile = resolve(device).profile
+        entries = {lifted: {key: _entry(profile, key, lifted) for key in _all_keys()} for lifted in (False, True)}
+        with _routing.lock:
+            for lifted, table in entries.items():
+                for key, decided in table.items():
+                    _routing.tables[lifted].setdefault(key, decided)
+    except Exception as exc:  # routing must never break a compile
+        log.warning("fl_patch: no profile routing for this compile: %s: %s", type(exc).__name__, exc)
+
+
+def _all_keys() -> list[str]:
+    return [f"{family}.{form}" for family, forms in profiles.FAMILY_FORMS.items() for form in forms]
+
+
+def _device_in_use():
+    """The current device of the first accelerator type torch has already initialised (touching none), or None."""
+    import torch
+
+    from fl_patch import devices
+
+    for kind in dict.fromkeys(vendor.device_type for vendor in devices.VENDORS):
+        module = getattr(torch, kind, None)
+        initialized = getattr(module, "is_initialized", None)
+        try:
+            if initialized is not None and initialized():
+                return torch.device(kind, module.current_device())
+        except Exception:  # a vendor module that can't answer: not this one
+            continue
+    return None
 
 
 def resolve(device) -> profiles.Lookup:
@@ -191,9 +335,9 @@ def _families(profile: profiles.Profile, lifted: list[str]) -> dict:
     """Per family: its route, threshold, why, its forms' own decisions, and whether include lifts it."""
     out = {}
     for family, forms in profiles.FAMILY_FORMS.items():
-        decision = profile.family_decision(family)
-        entry = {"route": decision.route, "min_elements": decision.min_elements, "why": decision.why}
-        own = {form: vars(profile.forms[f"{family}.{form}"]) for form in forms if f"{family}.{form}" in profile.forms}
+        entry = profiles.as_dict(profile.family_decision(family))
+        own = {form: profiles.as_dict(profile.forms[f"{family}.{form}"]) for form in forms
+               if f"{family}.{form}" in profile.forms}
         if own:
             entry["forms"] = own
         if family in lifted:

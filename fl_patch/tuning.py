@@ -13,6 +13,15 @@ repeat the time per call is ``max(device, host)``; a point's time is the median 
 ``max(3%, (max - min) / median)`` of either side. Devices whose torch module has no events (the CPU) use the
 wall time of the loop, synchronised.
 
+Two regimes, because a call costs what it costs the slower of host and device. *Launch-bound* (the times
+above): nothing else keeps the device busy, as in a decode step, so FlagGems' host time (50-200 us a call on
+an H200 in 5.0.2) counts in full. *Device-bound*: the host runs ahead of the device, as in a large prefill
+whose GEMMs keep the queue full, so only device time counts. Each repeat also times the loop behind a
+*blocker* (square matmuls enqueued first, lasting 1.5x the loop's host time): the loop's events then measure
+device time alone. That the host really was ahead is checked (the event after the blocker has not completed
+when the host has enqueued the loop; else a longer blocker, three tries); a point without it has no
+device-bound time. Devices without events have no device-bound times.
+
 Decision rule (:func:`decide`), per form, over its measured points sorted by elements: N is the smallest
 measured size at which FlagGems is faster by more than noise (gems x (1 + noise) < native, at every point of
 that size) and at every measured size from N on FlagGems <= native x (1 + noise). A win within noise does not
@@ -22,6 +31,10 @@ measured size: ``route: gems, min_elements: 0``; another N: ``route: gems, min_e
 elements go native); no N: ``route: native``. So the patched call is
 never slower than native by more than noise at a measured size. The family's own entry, which applies to its
 forms not listed, is the most conservative of its measured forms (native if one is, else the largest N).
+
+The same rule over the device-bound times gives each form (and family) a ``device_bound`` decision. The routing
+(:mod:`fl_patch.routing`) uses it for a call below the launch-bound threshold only while the device is still
+busy with earlier work (its queue not drained, so the host cost hides behind it), and under torch.compile.
 
 ``--budget-s``: no new form starts after it; the forms left are listed as not measured (a family with no
 measured form is absent: FlagGems everywhere, as without a profile). The profile (``fl_patch.profiles``
@@ -65,7 +78,11 @@ RULE = ("per form over its measured points sorted by elements: N = the smallest 
         "size from N on; N at the smallest size -> "
         "route gems, min_elements 0; else route gems, min_elements N; no such N -> route native. Time per call = "
         "max(device-event time, host time) of a loop of back-to-back calls, median of the repeats; noise = max(3%, "
-        "(max - min) / median of either side). A family's own entry is the most conservative of its forms.")
+        "(max - min) / median of either side). A family's own entry is the most conservative of its forms. "
+        "device_bound: the same rule over device time with the host ahead (the loop enqueued behind a blocker).")
+BLOCKER_SIDE = 2048  # the blocker's square matmul: about 25 us on an H200, long enough that few are enqueued
+BLOCKER_MARGIN = 1.5  # the blocker lasts this many times the loop's host time
+BLOCKER_TRIES = 3  # each try doubles the blocker
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -105,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or _default_path(args.quick, info.as_dict(), found["flag_gems"])
     print(f"fl-patch tune: {info.label()}, {provider} against native, {dtype_name()}, budget {args.budget_s:g} s; "
           f"profile: {out}", flush=True)
-    print("  per form: its decision, then native time / gems time per size (above 1: FlagGems faster)", flush=True)
+    print("  per form: its decision, then native time / gems time per size (above 1: FlagGems faster), launch-bound"
+          "/device-bound where the device times both", flush=True)
     with kernel_cases.cpu_threads(device):
         Tuner(device, provider, forms, args.budget_s, out, {"device": info.as_dict(), "versions": found}).run()
     return 0
@@ -141,7 +159,7 @@ def redecide(source: Path, out: Path) -> int:
     for family, entry in data["families"].items():
         measured = [dict(p, gems_us=math.inf if p["gems_us"] is None else p["gems_us"])
                     for p in entry.get("measurements", []) if "gems_us" in p]
-        forms = {form: decide([p for p in measured if p["form"] == form])
+        forms = {form: decide_regimes([p for p in measured if p["form"] == form])
                  for form in dict.fromkeys(p["form"] for p in measured)}
         if forms:
             entry.update(family_decision(forms), forms=forms)
@@ -161,8 +179,15 @@ class Clock:
 
     def __init__(self, device: torch.device):
         backend = None if device.type == "cpu" else getattr(torch, device.type, None)
+        self.device = device
         self._synchronize = getattr(backend, "synchronize", None)
         self._event = getattr(backend, "Event", None)
+        self._blocker: tuple | None = None  # (a, b, out, seconds per matmul) once calibrated
+
+    @property
+    def has_device_bound(self) -> bool:
+        """Whether this device can time the device-bound regime (events that can be queried)."""
+        return self._event is not None and hasattr(self._event, "query")
 
     def synchronize(self) -> None:
         if self._synchronize is not None:
@@ -188,6 +213,41 @@ class Clock:
             device = start.elapsed_time(end) / 1000
         return device / calls, host / calls
 
+    def device_bound_loop(self, function, calls: int, host_s: float) -> float | None:
+        """Device seconds per call of `calls` back-to-back calls enqueued behind a blocker (so that the device
+        runs them back to back, whatever their host cost), or None if the host could not be got ahead of the
+        device (three tries, each with a blocker twice as long) or the device has no queryable events.
+        `host_s`: the host seconds a call takes (from :meth:`loop`)."""
+        if not self.has_device_bound:
+            return None
+        blocked_s = BLOCKER_MARGIN * host_s * calls
+        for _ in range(BLOCKER_TRIES):
+            self.synchronize()
+            start, end = self._event(enable_timing=True), self._event(enable_timing=True)
+            self._block(blocked_s)
+            start.record()
+            for _ in range(calls):
+                function()
+            ahead = not start.query()  # the device has not reached the loop yet: all of it was enqueued ahead
+            end.record()
+            end.synchronize()
+            if ahead:
+                return start.elapsed_time(end) / 1000 / calls
+            blocked_s *= 2
+        return None
+
+    def _block(self, seconds: float) -> None:
+        """Enqueue square matmuls lasting about `seconds` on the device (calibrated on the first call)."""
+        if self._blocker is None:
+            a = torch.randn(BLOCKER_SIDE, BLOCKER_SIDE, device=self.device, dtype=DTYPE)
+            b, out = torch.randn_like(a), torch.empty_like(a)
+            torch.mm(a, b, out=out)
+            per_matmul, _ = self.loop(lambda: torch.mm(a, b, out=out), 20)
+            self._blocker = (a, b, out, max(per_matmul, 1e-6))
+        a, b, out, per_matmul = self._blocker
+        for _ in range(max(1, math.ceil(seconds / per_matmul))):
+            torch.mm(a, b, out=out)
+
 
 @dataclass
 class Side:
@@ -196,6 +256,7 @@ class Side:
     first_call_ms: float
     device_us: list[float]
     host_us: list[float]
+    device_bound_us: list[float]  # device time with the host ahead; empty when the device can't measure it
 
     @property
     def per_call(self) -> list[float]:
@@ -207,14 +268,28 @@ class Side:
 
     @property
     def spread(self) -> float:
-        values = self.per_call
-        median = statistics.median(values)
-        return (max(values) - min(values)) / median if median > 0 else 0.0
+        return _spread(self.per_call)
+
+    @property
+    def device_bound(self) -> float | None:
+        """Median device-bound time, if every repeat measured one."""
+        if not self.device_bound_us or len(self.device_bound_us) != len(self.device_us):
+            return None
+        return statistics.median(self.device_bound_us)
 
     def as_dict(self) -> dict:
-        return {"us": round(self.us, 2), "device_us": round(statistics.median(self.device_us), 2),
-                "host_us": round(statistics.median(self.host_us), 2), "spread": round(self.spread, 4),
-                "first_call_ms": round(self.first_call_ms, 2)}
+        out = {"us": round(self.us, 2), "device_us": round(statistics.median(self.device_us), 2),
+               "host_us": round(statistics.median(self.host_us), 2), "spread": round(self.spread, 4),
+               "first_call_ms": round(self.first_call_ms, 2)}
+        if self.device_bound is not None:
+            out.update(device_bound_us=round(self.device_bound, 2),
+                       device_bound_spread=round(_spread(self.device_bound_us), 4))
+        return out
+
+
+def _spread(values: list[float]) -> float:
+    median = statistics.median(values)
+    return (max(values) - min(values)) / median if median > 0 else 0.0
 
 
 def time_pair(clock: Clock, functions: dict, repeats: int, loop_s: float) -> dict[str, Side]:
@@ -229,13 +304,16 @@ def time_pair(clock: Clock, functions: dict, repeats: int, loop_s: float) -> dic
         function()
         estimate = max(clock.loop(function, MIN_CALLS))
         calls[name] = int(min(MAX_CALLS, max(MIN_CALLS, loop_s / max(estimate, 1e-9))))
-        sides[name] = Side(first_ms, [], [])
+        sides[name] = Side(first_ms, [], [], [])
     names = list(functions)
     for repeat in range(repeats):
         for name in names if repeat % 2 == 0 else reversed(names):
             device, host = clock.loop(functions[name], calls[name])
             sides[name].device_us.append(device * 1e6)
             sides[name].host_us.append(host * 1e6)
+            bound = clock.device_bound_loop(functions[name], calls[name], host)
+            if bound is not None:
+                sides[name].device_bound_us.append(bound * 1e6)
     return sides
 
 
@@ -278,9 +356,28 @@ def decide(points: list[dict]) -> dict:
                    f"noise, {rest}"}
 
 
+def decide_regimes(points: list[dict]) -> dict:
+    """:func:`decide` over the launch-bound times, with ``device_bound``: the same over the device-bound times of
+    the points that have them (absent if none has)."""
+    decision = decide(points)
+    bound = [{**p, "gems_us": p["gems_device_bound_us"], "native_us": p["native_device_bound_us"],
+              "noise": p["device_bound_noise"]} for p in points if p.get("gems_device_bound_us") is not None]
+    if bound:
+        decision["device_bound"] = decide(bound)
+    return decision
+
+
 def family_decision(forms: dict[str, dict]) -> dict:
-    """The most conservative of a family's form decisions: native if any is, else the largest threshold. It
-    applies to the family's forms the profile doesn't list."""
+    """The most conservative of a family's form decisions: native if any is, else the largest threshold (and the
+    same of their ``device_bound`` decisions when every form has one). It applies to the family's forms the
+    profile doesn't list."""
+    decision = _most_conservative(forms)
+    if all("device_bound" in d for d in forms.values()):
+        decision["device_bound"] = _most_conservative({form: d["device_bound"] for form, d in forms.items()})
+    return decision
+
+
+def _most_conservative(forms: dict[str, dict]) -> dict:
     natives = [form for form, decision in forms.items() if decision["route"] == "native"]
     if natives:
         return {"route": "native", "min_elements": 0,
@@ -349,7 +446,7 @@ class Tuner:
         self.measurements[form.key] = points
         measured = [p for p in points if "gems_us" in p]
         if measured:
-            self.decisions[form.key] = decide(measured)
+            self.decisions[form.key] = decide_regimes(measured)
         else:
             self.not_measured.append(form.key)
 
@@ -359,9 +456,15 @@ class Tuner:
             sides = time_pair(self.clock, functions, REPEATS[self.mode], LOOP_S[self.mode])
         except Exception as exc:  # one side failed at this size: time the other, count the failed one as slowest
             return self._one_failed(functions, exc)
-        noise = max(NOISE_FLOOR, sides["gems"].spread, sides["native"].spread)
-        return {"gems": sides["gems"].as_dict(), "native": sides["native"].as_dict(), "gems_us": sides["gems"].us,
-                "native_us": sides["native"].us, "noise": round(noise, 4)}
+        gems, native = sides["gems"], sides["native"]
+        noise = max(NOISE_FLOOR, gems.spread, native.spread)
+        point = {"gems": gems.as_dict(), "native": native.as_dict(), "gems_us": gems.us, "native_us": native.us,
+                 "noise": round(noise, 4)}
+        if gems.device_bound is not None and native.device_bound is not None:
+            bound_noise = max(NOISE_FLOOR, _spread(gems.device_bound_us), _spread(native.device_bound_us))
+            point.update(gems_device_bound_us=gems.device_bound, native_device_bound_us=native.device_bound,
+                         device_bound_noise=round(bound_noise, 4))
+        return point
 
     def _one_failed(self, functions: dict, exc: Exception) -> dict:
         result = {"noise": NOISE_FLOOR}
@@ -413,14 +516,19 @@ class Tuner:
 
 
 def _route(decision: dict) -> str:
-    return profiles.route_words(decision["route"], decision["min_elements"])
+    return profiles.route_words(decision["route"], decision["min_elements"], decision.get("device_bound"))
 
 
 def _ratio(point: dict) -> str:
     if "not_taken" in point:
         return f"not taken ({point['not_taken']})"
     gems_us, native_us = point["gems_us"], point["native_us"]
-    return "gems failed" if math.isinf(gems_us) else f"{native_us / gems_us:.2f}"
+    if math.isinf(gems_us):
+        return "gems failed"
+    text = f"{native_us / gems_us:.2f}"
+    if point.get("gems_device_bound_us"):
+        text += f"/{point['native_device_bound_us'] / point['gems_device_bound_us']:.2f}"
+    return text
 
 
 def _json_ready(points: list[dict]) -> list[dict]:

@@ -373,3 +373,66 @@ def test_global_check_judges_the_default_list_and_bisects_what_to_add(monkeypatc
     assert section["would_add"] == would_add
     assert section["override"][0]["state"] == "patched" and "cos" in section["override"][0]["reason"]
     assert torch.equal(torch.cos(torch.zeros(2)), torch.ones(2))  # the override is gone
+
+
+def test_the_device_bound_regime_is_decided_from_its_own_times():
+    """Host-bound FlagGems (launch-bound: slower everywhere) that is faster on the device from 2**16 on."""
+    from fl_patch.tuning import decide_regimes, family_decision
+
+    measured = points((80, 20), (80, 20), (80, 60), (90, 150))
+    for point, bound in zip(measured, ((4, 3), (6, 5), (20, 40), (70, 150)), strict=True):
+        point.update(gems_device_bound_us=bound[0], native_device_bound_us=bound[1], device_bound_noise=0.03)
+    decision = decide_regimes(measured)
+    assert (decision["route"], decision["min_elements"]) == ("gems", 1 << 18)
+    assert (decision["device_bound"]["route"], decision["device_bound"]["min_elements"]) == ("gems", 1 << 16)
+    assert "device_bound" not in decide_regimes(points((5, 10)))  # no device-bound times: no such decision
+    family = family_decision({"a": decision, "b": {**decision, "device_bound": {"route": "native",
+                                                                                "min_elements": 0}}})
+    assert family["device_bound"]["route"] == "native"
+    assert "device_bound" not in family_decision({"a": decision, "b": decide_regimes(points((5, 10)))})
+
+
+class FakeEvents:
+    """A device backend whose events report `elapsed_ms` and whose query says whether the device was still busy
+    with the blocker when the host had enqueued the loop (`ahead` per try)."""
+
+    def __init__(self, ahead):
+        self.ahead = list(ahead)
+        outer = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.recorded = False
+
+            def record(self):
+                self.recorded = True
+
+            def query(self):
+                return not outer.ahead.pop(0)
+
+            def synchronize(self):
+                pass
+
+            def elapsed_time(self, other):
+                return 2.0  # ms
+
+        self.Event = Event
+
+    def synchronize(self):
+        pass
+
+
+def test_device_bound_timing_gets_the_host_ahead_or_says_it_could_not(monkeypatch):
+    from fl_patch import tuning
+
+    backend = FakeEvents(ahead=[False, True])
+    clock = tuning.Clock(torch.device("cpu"))
+    clock._synchronize, clock._event = backend.synchronize, backend.Event
+    blocked = []
+    monkeypatch.setattr(clock, "_block", blocked.append)
+    calls = []
+    assert clock.device_bound_loop(lambda: calls.append(1), 10, 1e-4) == pytest.approx(2e-4)  # 2 ms / 10 calls
+    assert blocked == pytest.approx([1.5e-3, 3e-3]) and len(calls) == 20  # the second try: a blocker twice as long
+    backend.ahead = [False] * tuning.BLOCKER_TRIES
+    assert clock.device_bound_loop(lambda: None, 10, 1e-4) is None
+    assert not tuning.Clock(torch.device("cpu")).has_device_bound  # the CPU: no events, no device-bound times

@@ -350,3 +350,130 @@ def test_every_flaggems_vendor_has_a_row_and_a_device_type():
     assert set(devices.BY_NAME) == {"nvidia", "amd", "hygon", "metax", "iluvatar", "kunlunxin", "thead", "mthreads",
                                     "cambricon", "ascend", "enflame", "sunrise", "tsingmicro", "aipu"}
     assert all(vendor.device_type for vendor in devices.VENDORS)
+
+
+# ------------------------------------------------------------------------------------- device-bound regime
+
+
+def bound_profile(launch, bound):
+    """rms_norm's decision `launch` with the device-bound decision `bound` (dicts)."""
+    return profile_data(families={"rms_norm": {**launch, "device_bound": bound, "why": "measured"}})
+
+
+@pytest.fixture
+def busy_device(monkeypatch):
+    """The stand-in device's stream probe: `state["busy"]` says whether work is queued; `state["asked"]` counts."""
+    state = {"busy": False, "asked": 0}
+
+    def probe(device):
+        state["asked"] += 1
+        return state["busy"]
+
+    monkeypatch.setitem(routing._routing.probes, "cpu", probe)
+    return state
+
+
+def test_between_the_thresholds_a_call_goes_to_flag_gems_only_while_the_device_is_busy(
+        stand_in_device, busy_device, fake_gems):
+    write(cache(stand_in_device) / "a.json",
+          bound_profile({"route": "native"}, {"route": "gems", "min_elements": 4096}))
+    fl_patch.apply(kernels="gems")
+    weight = bf16(64)
+    F.rms_norm(bf16(2, 64), (64,), weight, 1e-6)  # under the device-bound threshold: native, no query
+    assert busy_device["asked"] == 0
+    F.rms_norm(bf16(64, 64), (64,), weight, 1e-6)  # at it, device idle: native
+    busy_device["busy"] = True
+    F.rms_norm(bf16(64, 64), (64,), weight, 1e-6)  # at it, device busy: FlagGems
+    assert busy_device["asked"] == 2
+    assert [call[0] for call in fake_gems.calls] == ["rms_norm"]
+    assert fallbacks("torch.rms_norm") == {"native by profile": 2}
+    torch.use_deterministic_algorithms(True)  # the path must not depend on timing: size alone decides
+    try:
+        F.rms_norm(bf16(64, 64), (64,), weight, 1e-6)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert busy_device["asked"] == 2 and fallbacks("torch.rms_norm") == {"native by profile": 3}
+    assert routing.describe()["families"]["rms_norm"]["device_bound"]["min_elements"] == 4096
+
+
+def test_above_the_launch_bound_threshold_no_query_is_made(stand_in_device, busy_device, fake_gems):
+    write(cache(stand_in_device) / "a.json", bound_profile({"route": "gems", "min_elements": 1024},
+                                                           {"route": "gems", "min_elements": 256}))
+    fl_patch.apply(kernels="gems")
+    weight = bf16(64)
+    F.rms_norm(bf16(16, 64), (64,), weight, 1e-6)  # 1024: launch-bound threshold met
+    F.rms_norm(bf16(2, 64), (64,), weight, 1e-6)  # 128: under both
+    assert busy_device["asked"] == 0
+    assert [call[0] for call in fake_gems.calls] == ["rms_norm"]
+    assert fallbacks("torch.rms_norm") == {"small input": 1}
+
+
+def test_a_device_bound_native_decision_never_queries(stand_in_device, busy_device, fake_gems):
+    write(cache(stand_in_device) / "a.json", bound_profile({"route": "native"}, {"route": "native"}))
+    busy_device["busy"] = True
+    fl_patch.apply(kernels="gems")
+    F.rms_norm(bf16(256, 64), (64,), bf16(64), 1e-6)
+    assert busy_device["asked"] == 0 and fake_gems.calls == []
+
+
+def test_the_busy_probe_reads_the_device_type_stream_and_never_queries_a_capture(monkeypatch):
+    queried = []
+
+    class Stream:
+        def __init__(self, pending):
+            self.pending = pending
+
+        def query(self):  # torch's Stream.query: True when all its work has completed
+            queried.append(1)
+            return not self.pending
+
+    def probe(stream, capturing=False):
+        backend = types.SimpleNamespace(current_stream=stream, is_current_stream_capturing=lambda: capturing)
+        monkeypatch.setattr(torch, "npu", backend, raising=False)
+        return routing._busy_probe("npu")(torch.device("cpu"))
+
+    assert probe(lambda device: Stream(True)) is True
+    assert probe(lambda device: Stream(False)) is False
+    assert probe(lambda device: Stream(True), capturing=True) is False and len(queried) == 2  # no query
+    assert probe(lambda device: (_ for _ in ()).throw(RuntimeError("no stream"))) is False  # can't tell: idle
+    assert routing._busy_probe("no_such_device_type")(torch.device("cpu")) is False
+
+
+def test_under_compile_routing_is_by_size_with_the_device_bound_threshold_in_one_graph(stand_in_device, monkeypatch):
+    """A compile that starts before any eager call looks the profile up for the device in use (its start
+    callback); tracing then routes by size alone, with the device-bound threshold, in one graph."""
+    write(cache(stand_in_device) / "a.json",
+          bound_profile({"route": "native"}, {"route": "gems", "min_elements": 4096}))
+    monkeypatch.setattr(routing, "_device_in_use", lambda: torch.device("cpu"))
+    fl_patch.apply(kernels="gems")
+    route = routing.router("rms_norm.hf", False)
+
+    def routed(x):
+        return x + (0 if route(x) is None else 1)  # 0: FlagGems, 1: native
+
+    compiled = torch.compile(routed, backend="eager", fullgraph=True)
+    assert compiled(torch.zeros(64, 64)).sum() == 0
+    assert compiled(torch.zeros(2, 64)).sum() == 128
+    torch._dynamo.reset()
+    assert routing.describe()["state"] == "in force"
+
+
+def test_under_compile_with_no_profile_looked_up_the_originals_stay(stand_in_device, monkeypatch):
+    monkeypatch.setattr(routing, "_device_in_use", lambda: None)  # no accelerator in use yet
+    fl_patch.apply(kernels="gems")
+    route = routing.router("rms_norm.hf", False)
+    reasons = []
+
+    def routed(x):
+        reasons.append(route(x))
+        return x + 1
+
+    torch.compile(routed, backend="eager", fullgraph=True)(torch.zeros(64, 64))
+    torch._dynamo.reset()
+    assert reasons == [routing.NOT_LOOKED_UP_UNDER_COMPILE]
+
+
+def test_a_profile_with_a_broken_device_bound_entry_is_refused_naming_the_field(tmp_path):
+    path = write(tmp_path / "p.json", bound_profile({"route": "native"}, {"route": "fast"}))
+    with pytest.raises(profiles.ProfileError, match=r"families\.rms_norm\.device_bound\.route is 'fast'"):
+        profiles.read(path, "test")

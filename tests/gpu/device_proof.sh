@@ -6,6 +6,9 @@
 #   bash tests/gpu/device_proof.sh rest OUT      # bench_e2e on Qwen3, LightX2V's quantised keys and DiT step,
 #                                                # fl-patch check --global
 #   bash tests/gpu/device_proof.sh check OUT     # fl-patch check alone, with the time a fresh machine needs
+#   bash tests/gpu/device_proof.sh tune OUT      # fl-patch tune (both regimes), status, the busy probe's cost,
+#                                                # bench_e2e on Llama (tuned / hand table / off / HF)
+#   bash tests/gpu/device_proof.sh qwen3 OUT     # bench_e2e on Qwen3 with the profile tune left in the cache
 # Needs the wheels of ../shared/gpu/wheels.sh in .whl (and, for `rest`, tests/gpu/export_lightx2v.sh's .lightx2v).
 set -u
 part=$1
@@ -46,11 +49,21 @@ case "$part" in
     step lightx2v-quant 200 python3 tests/gpu/lightx2v_quant_gpu.py --lightx2v-src .lightx2v --out-dir "$out"
     step check-global 100 python3 -m fl_patch check --global --families swiglu --json "$out/check-global.json"
     ;;
+  tune)
+    step tune 170 python3 -m fl_patch tune
+    cp ~/.cache/fl_patch/profiles/*.json "$out/"
+    python3 -m fl_patch status > "$out/status.txt" 2>&1
+    step busy-probe 30 python3 tests/gpu/busy_probe_cost.py
+    e2e llama 240
+    ;;
+  qwen3)
+    e2e qwen3 240
+    ;;
   check)
     step check 300 python3 -m fl_patch check --json "$out/check.json"
     ;;
   *)
-    echo "device_proof.sh: part $part? accepted: profile, rest, check" >&2
+    echo "device_proof.sh: part $part? accepted: profile, rest, check, tune, qwen3" >&2
     exit 2
     ;;
 esac
