@@ -23,8 +23,9 @@ when the host has enqueued the loop; else a longer blocker, three tries); a poin
 device-bound time. Devices without events have no device-bound times.
 
 Decision rule (:func:`decide`), per form, over its measured points sorted by elements: N is the smallest
-measured size at which FlagGems is faster by more than noise (gems x (1 + noise) < native, at every point of
-that size) and at every measured size from N on FlagGems <= native x (1 + noise). A win within noise does not
+measured size at which FlagGems is faster by more than noise (gems x (1 + noise) < native, at a point of that
+size: variants of one size may differ in row width) and at every measured point from N on FlagGems <= native x
+(1 + noise). A win within noise does not
 count: it gains nothing that can be told from chance (on the H200 a rope "win" of 7% within 16% noise sent
 launch-bound decode calls to FlagGems; benchmarks/results/e2e_profile_qwen3_run1.md). N at the smallest
 measured size: ``route: gems, min_elements: 0``; another N: ``route: gems, min_elements: N`` (calls with fewer
@@ -32,9 +33,12 @@ elements go native); no N: ``route: native``. So the patched call is
 never slower than native by more than noise at a measured size. The family's own entry, which applies to its
 forms not listed, is the most conservative of its measured forms (native if one is, else the largest N).
 
-The same rule over the device-bound times gives each form (and family) a ``device_bound`` decision. The routing
-(:mod:`fl_patch.routing`) uses it for a call below the launch-bound threshold only while the device is still
-busy with earlier work (its queue not drained, so the host cost hides behind it), and under torch.compile.
+The same rule over the device-bound times, from the *device-bound floor* on (the smallest size from which the
+native path's own device time outlasts its host time at every larger size: below it the work around a call is
+too short to keep the device's queue deep, :func:`device_bound_floor`), gives each form (and family) a
+``device_bound`` decision. The routing (:mod:`fl_patch.routing`) uses it for a call below the launch-bound
+threshold only while the device is still busy with earlier work (its queue not drained, so the host cost hides
+behind it), and under torch.compile.
 
 ``--budget-s``: no new form starts after it; the forms left are listed as not measured (a family with no
 measured form is absent: FlagGems everywhere, as without a profile). The profile (``fl_patch.profiles``
@@ -70,16 +74,18 @@ NOISE_FLOOR = 0.03
 LOOP_S = {"device": 0.003, "cpu": 0.0005}
 REPEATS = {"device": 5, "cpu": 3}
 MIN_CALLS, MAX_CALLS = 3, 200
-# Of the 3 minutes an H200 run may take: start-up (8 s) and the form running when the budget ends (attention:
-# ~25 s with its first tuning) fit in the rest.
-BUDGET_S = 130.0
+# Of the 3 minutes an H200 run may take: start-up (15 s) and the form running when the budget ends fit in the
+# rest. On a fresh H200 the two regimes took 148 s for 12 forms, 71 s of it FlagGems' GEMM autotuning (linear).
+BUDGET_S = 150.0
 RULE = ("per form over its measured points sorted by elements: N = the smallest measured size where FlagGems is "
-        "faster by more than noise (gems x (1 + noise) < native) and gems <= native x (1 + noise) at every measured "
-        "size from N on; N at the smallest size -> "
+        "faster by more than noise (gems x (1 + noise) < native) at a point of that size and gems <= native x "
+        "(1 + noise) at every measured point from N on; N at the smallest size -> "
         "route gems, min_elements 0; else route gems, min_elements N; no such N -> route native. Time per call = "
         "max(device-event time, host time) of a loop of back-to-back calls, median of the repeats; noise = max(3%, "
         "(max - min) / median of either side). A family's own entry is the most conservative of its forms. "
-        "device_bound: the same rule over device time with the host ahead (the loop enqueued behind a blocker).")
+        "device_bound: the same rule over device time with the host ahead (the loop enqueued behind a blocker), "
+        "at sizes from the device-bound floor on (native device-bound time > native host time at it and every "
+        "larger size).")
 BLOCKER_SIDE = 2048  # the blocker's square matmul: about 25 us on an H200, long enough that few are enqueued
 BLOCKER_MARGIN = 1.5  # the blocker lasts this many times the loop's host time
 BLOCKER_TRIES = 3  # each try doubles the blocker
@@ -337,7 +343,7 @@ def decide(points: list[dict]) -> dict:
     for point in ordered:
         above = [p for p in ordered if p["elements"] >= point["elements"]]
         same = [p for p in above if p["elements"] == point["elements"]]
-        if all(wins(p) for p in same) and all(within(p) for p in above):
+        if any(wins(p) for p in same) and all(within(p) for p in above):
             threshold = point["elements"]
             break
     else:
@@ -358,13 +364,43 @@ def decide(points: list[dict]) -> dict:
 
 def decide_regimes(points: list[dict]) -> dict:
     """:func:`decide` over the launch-bound times, with ``device_bound``: the same over the device-bound times of
-    the points that have them (absent if none has)."""
+    the points that have them (absent if none has), from the device-bound floor on (:func:`device_bound_floor`)."""
     decision = decide(points)
     bound = [{**p, "gems_us": p["gems_device_bound_us"], "native_us": p["native_device_bound_us"],
               "noise": p["device_bound_noise"]} for p in points if p.get("gems_device_bound_us") is not None]
-    if bound:
-        decision["device_bound"] = decide(bound)
+    if not bound:
+        return decision
+    floor = device_bound_floor(points)
+    if floor is None:
+        decision["device_bound"] = {"route": "native", "min_elements": 0,
+                                    "why": "the native path is launch-bound at every measured size (its device time "
+                                           "under its host time): no size where the device stays ahead of the host"}
+        return decision
+    above = [p for p in bound if p["elements"] >= floor]
+    decision["device_bound"] = decide(above)
+    if decision["device_bound"]["route"] == "gems" and decision["device_bound"]["min_elements"] < floor:
+        decision["device_bound"]["min_elements"] = floor
+        decision["device_bound"]["why"] += (f"; from the device-bound floor {size_label(floor)} on, where the "
+                                            "native path's own device time outlasts its host time")
     return decision
+
+
+def device_bound_floor(points: list[dict]) -> int | None:
+    """The smallest measured size from which the native path is device-bound on its own (its device-bound time, the
+    device alone, above its host time per call) at every larger measured size, or None.
+
+    Below it a call's own work is shorter than launching it, and so is the work around it in a real model (the
+    GEMMs of the same tokens): the device's queue is shallow there, and a FlagGems call whose host time is
+    50-200 us would drain it (the H200 run of 2026-12-03 lost 15-30% at decode with a bare busy check). At
+    and above it the queue is kept full by work of that size, so device time is what a call costs."""
+    def native_device_bound(point: dict) -> bool:
+        return point["native_device_bound_us"] > point["native"]["host_us"]
+
+    measured = [p for p in points if p.get("native_device_bound_us") is not None and "native" in p]
+    for size in sorted({p["elements"] for p in measured}):
+        if all(native_device_bound(p) for p in measured if p["elements"] >= size):
+            return size
+    return None
 
 
 def family_decision(forms: dict[str, dict]) -> dict:

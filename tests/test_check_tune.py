@@ -375,21 +375,46 @@ def test_global_check_judges_the_default_list_and_bisects_what_to_add(monkeypatc
     assert torch.equal(torch.cos(torch.zeros(2)), torch.ones(2))  # the override is gone
 
 
-def test_the_device_bound_regime_is_decided_from_its_own_times():
-    """Host-bound FlagGems (launch-bound: slower everywhere) that is faster on the device from 2**16 on."""
-    from fl_patch.tuning import decide_regimes, family_decision
+def regimes(launch, bound, native_device_bound_from):
+    """Points at 2**12, 2**14, ... with launch-bound and device-bound (gems_us, native_us) pairs; the native path
+    is device-bound on its own (device time above host time) from index `native_device_bound_from` on."""
+    measured = points(*launch)
+    for index, (point, (gems_us, native_us)) in enumerate(zip(measured, bound, strict=True)):
+        host = native_us / 2 if index >= native_device_bound_from else native_us * 2
+        point.update(gems_device_bound_us=gems_us, native_device_bound_us=native_us, device_bound_noise=0.03,
+                     native={"device_us": max(host, native_us), "host_us": host})
+    return measured
 
-    measured = points((80, 20), (80, 20), (80, 60), (90, 150))
-    for point, bound in zip(measured, ((4, 3), (6, 5), (20, 40), (70, 150)), strict=True):
-        point.update(gems_device_bound_us=bound[0], native_device_bound_us=bound[1], device_bound_noise=0.03)
-    decision = decide_regimes(measured)
+
+def test_the_device_bound_regime_is_decided_from_its_own_times_above_the_floor():
+    """Host-bound FlagGems (launch-bound: faster only at the largest size) that is faster on the device from 2**16
+    on; the native path is device-bound on its own from 2**18 on: the floor."""
+    from fl_patch.tuning import decide_regimes, device_bound_floor, family_decision
+
+    launch = ((80, 20), (80, 20), (80, 60), (90, 150))
+    decision = decide_regimes(regimes(launch, ((4, 3), (6, 5), (20, 40), (70, 150)), native_device_bound_from=1))
     assert (decision["route"], decision["min_elements"]) == ("gems", 1 << 18)
     assert (decision["device_bound"]["route"], decision["device_bound"]["min_elements"]) == ("gems", 1 << 16)
+    floored = decide_regimes(regimes(launch, ((4, 3), (6, 5), (20, 40), (70, 150)), native_device_bound_from=3))
+    assert floored["device_bound"]["min_elements"] == 1 << 18
+    assert "device-bound floor 2**18" in floored["device_bound"]["why"]
+    never = decide_regimes(regimes(launch, ((4, 3), (6, 5), (20, 40), (70, 150)), native_device_bound_from=4))
+    assert never["device_bound"]["route"] == "native"
+    assert device_bound_floor(regimes(launch, launch, native_device_bound_from=2)) == 1 << 16
     assert "device_bound" not in decide_regimes(points((5, 10)))  # no device-bound times: no such decision
     family = family_decision({"a": decision, "b": {**decision, "device_bound": {"route": "native",
                                                                                 "min_elements": 0}}})
     assert family["device_bound"]["route"] == "native"
     assert "device_bound" not in family_decision({"a": decision, "b": decide_regimes(points((5, 10)))})
+
+
+def test_the_floor_needs_every_variant_of_a_size():
+    from fl_patch.tuning import device_bound_floor
+
+    measured = regimes(((1, 1), (1, 1)), ((1, 1), (1, 1)), native_device_bound_from=0)
+    other = dict(measured[0], native={"device_us": 10.0, "host_us": 10.0})  # another variant at 2**12: launch-bound
+    assert device_bound_floor([*measured, other]) == 1 << 14
+    assert device_bound_floor([other, *measured]) == 1 << 14
 
 
 class FakeEvents:

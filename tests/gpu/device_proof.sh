@@ -9,6 +9,7 @@
 #   bash tests/gpu/device_proof.sh tune OUT      # fl-patch tune (both regimes), status, the busy probe's cost,
 #                                                # bench_e2e on Llama (tuned / hand table / off / HF)
 #   bash tests/gpu/device_proof.sh qwen3 OUT     # bench_e2e on Qwen3 with the profile tune left in the cache
+#   bash tests/gpu/device_proof.sh e2e OUT       # bench_e2e on both models with the shipped profile
 # Needs the wheels of ../shared/gpu/wheels.sh in .whl (and, for `rest`, tests/gpu/export_lightx2v.sh's .lightx2v).
 set -u
 part=$1
@@ -59,11 +60,16 @@ case "$part" in
   qwen3)
     e2e qwen3 240
     ;;
+  e2e)  # both models with the shipped profile (the user cache emptied first)
+    rm -rf ~/.cache/fl_patch
+    e2e llama 240
+    e2e qwen3 240
+    ;;
   check)
     step check 300 python3 -m fl_patch check --json "$out/check.json"
     ;;
   *)
-    echo "device_proof.sh: part $part? accepted: profile, rest, check, tune, qwen3" >&2
+    echo "device_proof.sh: part $part? accepted: profile, rest, check, tune, qwen3, e2e" >&2
     exit 2
     ;;
 esac
