@@ -250,3 +250,38 @@ def test_where_the_ops_cant_be_used_compiled_calls_run_the_original_unbroken(sta
     torch._dynamo.reset()
     fl_patch.revert()
     assert torch.equal(compiled, norm(x))
+
+
+def test_eager_calls_get_the_flag_gems_module_itself_and_compiled_ones_the_ops(stand_in_device):
+    assert gems.ops() is stand_in_device  # eager: the module, no wrapper
+
+    def which(x):
+        return torch.tensor(1.0) if gems.ops() is custom_ops.namespace else torch.tensor(0.0)
+
+    assert which(bf16(2)) == 0
+    assert torch.compile(which, fullgraph=True, backend="eager")(bf16(2)) == 1
+
+
+def test_calls_the_routing_sends_native_under_compile_run_the_native_path(stand_in_device, monkeypatch):
+    """As fl_patch.routing does under compile for a family the profile keeps native: the RMSNorms run torch's
+    fused rms_norm inside the graph, the other families stay on FlagGems; nothing is counted."""
+    from fl_patch import routing
+
+    def router(key, lifted):
+        return (lambda tensor: gems.PROFILE_NATIVE) if key.startswith("rms_norm.") else (lambda tensor: None)
+
+    monkeypatch.setattr(routing, "router", router)
+    model = tiny("llama").eval()
+    ids = torch.tensor([[5, 17, 99, 3, 42, 7]])
+    with torch.no_grad():
+        hf = model(ids).logits
+        fl_patch.apply(kernels="gems", include=FAMILIES)
+        explained = torch._dynamo.explain(model)(ids)
+        torch._dynamo.reset()
+        stand_in_device.calls.clear()
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(ids).logits
+    assert explained.graph_break_count == 0
+    reached = {call[0] for call in stand_in_device.calls}
+    assert "rms_norm_forward" not in reached and {"mm", "silu_and_mul", "flash_attention_forward"} <= reached
+    assert relative_diff(compiled, hf) <= BF16_LOGITS
+    assert all(not r["fallbacks"] for r in fl_patch.report())

@@ -6,7 +6,9 @@ dynamo and AOTAutograd see only the op and its fake (meta) function, which gives
 strides the real function returns (read off the 5.0.2 source); the real function runs when the compiled graph
 does. :func:`fl_patch.kernels.gems.ops` hands the kernel modules :data:`namespace` while dynamo traces, the
 flag_gems module itself in eager: ``namespace`` has the same attribute names and signatures (for the arguments
-fl_patch passes; others raise ``NotImplementedError``).
+fl_patch passes; others raise ``NotImplementedError``). The swap is dynamo's polyfill mechanism
+(``torch.compiler.substitute_in_graph``, documented for C functions, used here on a Python one: checked on torch
+2.13 by tests/test_custom_ops.py and on 2.11 by tests/gpu/compile_gpu.py), so eager calls pay nothing for it.
 
 Backward, as FlagGems 5.0.2 has it:
 
@@ -70,11 +72,21 @@ def define() -> str | None:
     global namespace, _define_error
     with _define_lock:
         if namespace is None and _define_error is None:
-            if not hasattr(torch.library, "custom_op"):
-                _define_error = f"torch.compile (torch {torch.__version__} has no torch.library.custom_op)"
+            missing = [name for name, owner in (("torch.library.custom_op", torch.library),
+                                                 ("torch.compiler.substitute_in_graph", torch.compiler))
+                       if not hasattr(owner, name.rsplit(".", 1)[1])]
+            if missing:
+                _define_error = f"torch.compile (torch {torch.__version__} has no {', '.join(missing)})"
             else:
                 namespace = _define_ops()
+                # dynamo traces _traced_ops wherever the kernels call gems.ops(); eager calls run gems.ops itself
+                torch.compiler.substitute_in_graph(gems.ops)(_traced_ops)
         return _define_error
+
+
+def _traced_ops() -> SimpleNamespace:
+    """What ``gems.ops()`` gives inside a graph being traced: the custom ops."""
+    return namespace
 
 
 def _gems_call(name: str, *args, **kwargs):

@@ -149,10 +149,13 @@ def tensor_reason(tensor) -> str | None:
 
 
 def ops():
-    """What the kernel modules call FlagGems through: in eager the ``flag_gems`` module itself (:func:`load`);
-    while torch.compile traces, :data:`fl_patch.kernels.custom_ops.namespace`, whose functions have the same
-    names and signatures and are single opaque ops to dynamo. ``tensor_reason`` (asked first on every gems
-    path) has defined them by then. The eager cost over ``load()`` is one ``is_compiling()`` call (~0.1 µs)."""
-    if sys.modules["torch"].compiler.is_compiling():
-        return sys.modules["fl_patch.kernels.custom_ops"].namespace
+    """What the kernel modules call FlagGems through: the ``flag_gems`` module (as :func:`load`, at the same cost).
+
+    While torch.compile traces, dynamo sees :data:`fl_patch.kernels.custom_ops.namespace` in its place, whose
+    functions have the same names and signatures and are single opaque ops: ``custom_ops.define`` registers that
+    substitution (``torch.compiler.substitute_in_graph``), so eager calls pay nothing for it. ``tensor_reason``,
+    asked first on every gems path, has defined the ops by then.
+    """
+    if _module is not None:
+        return _module
     return load()
