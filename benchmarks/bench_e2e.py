@@ -22,6 +22,7 @@ Ratios are speed-ups over hf_sdpa in the same run (>1 = faster).
 
     python benchmarks/bench_e2e.py --out benchmarks/results            # GPU, full
     python benchmarks/bench_e2e.py --quick                              # CPU, reference kernels, tiny model
+    python benchmarks/bench_e2e.py --quick --parts prefill,compile --variants compile_fl_patch  # + compiled
     python benchmarks/bench_e2e.py --models llama --parts prefill,train # a subset
     python benchmarks/bench_e2e.py --parts prefill,decode --rounds 3    # launch-bound shapes: interleave rounds
     python benchmarks/bench_e2e.py --parts prefill,decode --rounds 10 --seconds 0.3 --variants fl_patch
@@ -213,6 +214,8 @@ def measure_shapes(model, name, context, timer, shapes, vocab, device, reference
             PROFILES_SEEN[name] = routing.summary_line()
         if compiled:
             out["dynamo"] = dynamo_counts()
+            if saved is not None:
+                saved()
             torch._dynamo.reset()
     print(f"  {name:<22} " + "  ".join(f"{k}={v.get('ms', float('nan')):.2f}ms" for k, v in out.items()
                                        if k != "dynamo"), flush=True)
@@ -303,10 +306,10 @@ def run_model(name, args, device, dtype, kernels, save):
             rounds[variant].append(measure_shapes(model, variant, context, timer, shapes, vocab, device, reference))
             result["forward"][variant] = merge_rounds(rounds[variant])
             save(result)
-    if "compile" in args.parts and not args.quick:
+    if "compile" in args.parts:  # with --quick only the compiled variants --variants names (minutes on CPU)
         contexts = {"hf": contextlib.nullcontext, "fl_patch": lambda: fl_patch.patched(kernels=kernels)}
         for variant, (context, mode) in COMPILED.items():
-            if wanted(args, variant):
+            if wanted(args, variant) and (not args.quick or variant in args.variants):
                 measure_shapes(model, variant, contexts[context], timer, shapes, vocab, device, reference,
                                compile_mode=mode, out=result["forward"].setdefault(variant, {}),
                                saved=lambda: save(result))
@@ -355,6 +358,12 @@ def markdown(results: dict) -> str:
                 nan = "" if entry.get("finite", True) else ", **NaN**"
                 cells.append(f"{entry['ms']:.2f} ({ratio:.2f}x, {entry.get('max_diff', 0):.3g}{nan})")
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        for variant, shapes in forward.items():
+            if isinstance(shapes, dict) and "dynamo" in shapes:
+                counts = shapes["dynamo"]
+                recompiles = ", ".join(f"{k} {v['recompiles']}" for k, v in shapes.items() if "recompiles" in v)
+                lines.append(f"\n{variant}: {counts['graph_breaks']} graph breaks, {counts['graphs']} graphs, "
+                             f"{counts['cudagraph_skips']} CUDA-graph skips; recompiles while timed: {recompiles}")
         if result["train"]:
             lines.append("\n| training step 4x1024 | ms | x vs HF | peak GiB | loss |\n| --- | --- | --- | --- | --- |")
             base_ms = result["train"].get("hf_sdpa", {}).get("ms", float("nan"))
