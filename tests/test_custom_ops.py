@@ -285,3 +285,43 @@ def test_calls_the_routing_sends_native_under_compile_run_the_native_path(stand_
     assert "rms_norm_forward" not in reached and {"mm", "silu_and_mul", "flash_attention_forward"} <= reached
     assert relative_diff(compiled, hf) <= BF16_LOGITS
     assert all(not r["fallbacks"] for r in fl_patch.report())
+
+
+@pytest.mark.parametrize("form", ["int8", "fp8"])
+def test_the_quantised_linear_compiles_whole_onto_flag_gems(stand_in_device, monkeypatch, form):
+    """LightX2V's W8A8 linear: activation quantiser and cutlass_scaled_mm (an op that writes its output argument)
+    in one graph, equal to the eager gems path."""
+    from fl_patch.kernels import quant_linear
+
+    monkeypatch.setattr(quant_linear, "_chip_reason", lambda tensor: None)  # the stand-in passes as sm90
+    torch.manual_seed(0)
+    weight = torch.randint(-127, 128, (32, 64), dtype=torch.int8)
+    if form == "fp8":
+        weight = (torch.randn(32, 64) * 8).to(quant_linear.FP8)
+    scale, x, bias = torch.rand(32, 1), bf16(2, 3, 64), bf16(32)
+    kernel = getattr(quant_linear, f"gems_{form}")
+
+    def linear(x):
+        assert getattr(quant_linear, f"unsupported_{form}")("gems", x, weight, scale, bias, torch.bfloat16) is None
+        return kernel(x, weight, scale, bias, torch.bfloat16)
+
+    eager = linear(x)
+    assert torch._dynamo.explain(linear)(x).graph_break_count == 0
+    stand_in_device.calls.clear()
+    compiled = torch.compile(linear, fullgraph=True, backend="aot_eager")(x)
+    assert ("cutlass_scaled_mm", form.replace("fp8", "float8_e4m3fn")) in stand_in_device.calls
+    assert torch.equal(compiled, eager)
+
+
+def test_a_kernel_failure_in_a_compiled_model_raises_naming_the_op(stand_in_device, monkeypatch):
+    fl_patch.apply(kernels="gems", include=["torch.rms_norm"])
+    weight = torch.ones(64, dtype=torch.bfloat16)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("triton: out of resources")
+
+    monkeypatch.setattr(stand_in_device, "rms_norm_forward", broken)
+    compiled = torch.compile(lambda x: torch.nn.functional.rms_norm(x, (64,), weight, 1e-6), fullgraph=True,
+                             backend="aot_eager")
+    with pytest.raises(custom_ops.CompiledKernelError, match="rms_norm_forward.*out of resources.*eagerly"):
+        compiled(bf16(8, 64))
