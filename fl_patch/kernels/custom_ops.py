@@ -8,7 +8,8 @@ does. :func:`fl_patch.kernels.gems.ops` hands the kernel modules :data:`namespac
 flag_gems module itself in eager: ``namespace`` has the same attribute names and signatures (for the arguments
 fl_patch passes; others raise ``NotImplementedError``). The swap is dynamo's polyfill mechanism
 (``torch.compiler.substitute_in_graph``, documented for C functions, used here on a Python one: checked on torch
-2.13 by tests/test_custom_ops.py and on 2.11 by tests/gpu/compile_gpu.py), so eager calls pay nothing for it.
+2.13 by tests/test_custom_ops.py; tests/gpu/compile_gpu.py checks it with the GPU's torch), so eager calls pay
+nothing for it. Where it can't be registered, compiled gems calls run the original (:func:`define` says why).
 
 Backward, as FlagGems 5.0.2 has it:
 
@@ -32,6 +33,7 @@ import; this module is imported only then.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import threading
@@ -78,9 +80,15 @@ def define() -> str | None:
             if missing:
                 _define_error = f"torch.compile (torch {torch.__version__} has no {', '.join(missing)})"
             else:
-                namespace = _define_ops()
-                # dynamo traces _traced_ops wherever the kernels call gems.ops(); eager calls run gems.ops itself
-                torch.compiler.substitute_in_graph(gems.ops)(_traced_ops)
+                try:
+                    ops = _define_ops()
+                    # dynamo traces _traced_ops wherever the kernels call gems.ops(); eager runs gems.ops itself
+                    torch.compiler.substitute_in_graph(gems.ops)(_traced_ops)
+                except Exception as exc:  # a torch whose custom ops or polyfills differ from what this expects
+                    _define_error = (f"torch.compile (fl_patch's custom ops can't be set up: {type(exc).__name__}: "
+                                     f"{gems.first_line(exc)})")
+                else:
+                    namespace = ops
         return _define_error
 
 
@@ -109,7 +117,10 @@ def _resolve(name: str):
 
 def _define_ops() -> SimpleNamespace:
     lib = NAMESPACE
-    op = torch.library.custom_op
+    # FlagGems' wrappers depend on their inputs' strides (views, "last dim contiguous", row- and column-major
+    # asserts): inductor is told to pass every input exactly as eager would (the default of recent torch anyway)
+    exact = getattr(torch.Tag, "needs_exact_strides", None)
+    op = functools.partial(torch.library.custom_op, tags=(exact,) if exact is not None else ())
 
     # ------------------------------------------------------------------------------------------------- rms_norm
     @op(f"{lib}::rms_norm_forward", mutates_args=())
