@@ -8,7 +8,7 @@ does. :func:`fl_patch.kernels.gems.ops` hands the kernel modules :data:`namespac
 flag_gems module itself in eager: ``namespace`` has the same attribute names and signatures (for the arguments
 fl_patch passes; others raise ``NotImplementedError``). The swap is dynamo's polyfill mechanism
 (``torch.compiler.substitute_in_graph``, documented for C functions, used here on a Python one: checked on torch
-2.13 by tests/test_custom_ops.py; tests/gpu/compile_gpu.py checks it with the GPU's torch), so eager calls pay
+2.13 by tests/test_custom_ops.py, on 2.11 by tests/gpu/compile_gpu.py on an H200), so eager calls pay
 nothing for it. Where it can't be registered, compiled gems calls run the original (:func:`define` says why).
 
 Backward, as FlagGems 5.0.2 has it:
