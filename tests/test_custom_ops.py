@@ -223,6 +223,8 @@ def test_gradients_through_the_compiled_model_match_the_original(stand_in_device
     expected = grads(tiny("llama"))
     fl_patch.apply(kernels="gems", include=FAMILIES)
     model = tiny("llama")
+    with torch.no_grad():
+        model(ids)  # an eager call first: routing decides on a device in use (CPU stands in for none here)
     fake_gems.calls.clear()
     actual = grads(model, torch.compile(model, fullgraph=True, backend="aot_eager"))
     reached = {call[0] for call in fake_gems.calls}
@@ -243,6 +245,8 @@ def test_where_the_ops_cant_be_used_compiled_calls_run_the_original_unbroken(sta
         return torch.nn.functional.rms_norm(x, (64,), weight, 1e-6)
 
     x = bf16(8, 64)
+    norm(x)  # eager: on FlagGems (and routing has decided for this device)
+    assert stand_in_device.calls == [("rms_norm",)]
     stand_in_device.calls.clear()
     assert torch._dynamo.explain(norm)(x).graph_break_count == 0
     compiled = torch.compile(norm, fullgraph=True, backend="aot_eager")(x)

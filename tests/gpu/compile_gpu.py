@@ -179,6 +179,8 @@ def check_training(results, torch, fl_patch, family: str, device: str, backend: 
         reference_model = tiny(torch, family, device)
         expected = grads(reference_model, reference_model)
     model = tiny(torch, family, device)
+    with torch.no_grad():
+        model(ids)  # eager first, as a user's warm-up would: routing has looked the profile up for this device
     torch._dynamo.reset()
     started = time.perf_counter()
     actual = grads(model, torch.compile(model, fullgraph=True, backend=backend))
