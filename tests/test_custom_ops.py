@@ -321,11 +321,14 @@ def test_a_kernel_failure_in_a_compiled_model_raises_naming_the_op(stand_in_devi
     fl_patch.apply(kernels="gems", include=["torch.rms_norm"])
     weight = torch.ones(64, dtype=torch.bfloat16)
 
+    def norm(x):
+        return torch.nn.functional.rms_norm(x, (64,), weight, 1e-6)
+
     def broken(*args, **kwargs):
         raise RuntimeError("triton: out of resources")
 
+    norm(bf16(8, 64))  # eager first: routing decided
     monkeypatch.setattr(stand_in_device, "rms_norm_forward", broken)
-    compiled = torch.compile(lambda x: torch.nn.functional.rms_norm(x, (64,), weight, 1e-6), fullgraph=True,
-                             backend="aot_eager")
+    compiled = torch.compile(norm, fullgraph=True, backend="aot_eager")
     with pytest.raises(custom_ops.CompiledKernelError, match="rms_norm_forward.*out of resources.*eagerly"):
         compiled(bf16(8, 64))
