@@ -9,13 +9,20 @@ logit difference from HF default:
     ``fl-patch status`` names), fl_patch_hand (routed by the hand table that came before profiles,
     benchmarks/hand_table_profile.json), fl_patch_off (FL_PATCH_PROFILE=off: no routing, what a device without
     a profile gets), fl_patch_all (every family on FlagGems), fl_patch_all-<family> (each family left out in turn),
-    fl_patch+global (FlagGems aten override too), compile_hf, compile_fl_patch, liger (last: it can't revert)
+    fl_patch+global (FlagGems aten override too), compile_hf, compile_fl_patch (torch.compile, default mode;
+    fl_patch's FlagGems calls are custom ops there), compile_hf_cudagraphs, compile_fl_patch_cudagraphs
+    (mode="reduce-overhead"), liger (last: it can't revert)
+
+Each compiled variant also records dynamo's graph breaks, graphs and frames compiled, the frames compiled while
+being timed (recompiles: should be 0) and inductor's CUDA-graph skips, so a run shows whether decode fell back
+to eager or re-compiled.
 
 plus a training step (forward + backward + AdamW, 4x1024): time and peak memory for hf_sdpa, fl_patch, liger.
 Ratios are speed-ups over hf_sdpa in the same run (>1 = faster).
 
     python benchmarks/bench_e2e.py --out benchmarks/results            # GPU, full
     python benchmarks/bench_e2e.py --quick                              # CPU, reference kernels, tiny model
+    python benchmarks/bench_e2e.py --quick --parts prefill,compile --variants compile_fl_patch  # + compiled
     python benchmarks/bench_e2e.py --models llama --parts prefill,train # a subset
     python benchmarks/bench_e2e.py --parts prefill,decode --rounds 3    # launch-bound shapes: interleave rounds
     python benchmarks/bench_e2e.py --parts prefill,decode --rounds 10 --seconds 0.3 --variants fl_patch
@@ -137,26 +144,59 @@ def max_diff(a, b) -> float:
     return (a.float() - b.float()).abs().max().item()
 
 
-def measure_shapes(model, name, context, timer, shapes, vocab, device, reference, compiled=False, out=None,
+COMPILED = {  # variant -> (context factory name, torch.compile mode)
+    "compile_hf": ("hf", "default"),
+    "compile_fl_patch": ("fl_patch", "default"),
+    "compile_hf_cudagraphs": ("hf", "reduce-overhead"),
+    "compile_fl_patch_cudagraphs": ("fl_patch", "reduce-overhead"),
+}
+
+
+def dynamo_counts() -> dict:
+    """Dynamo's and inductor's counters so far: graph breaks, graphs, frames compiled, CUDA-graph skips."""
+    from torch._dynamo.utils import counters
+
+    return {"graph_breaks": sum(counters["graph_break"].values()), "graphs": counters["stats"]["unique_graphs"],
+            "frames_compiled": counters["frames"]["ok"],
+            "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
+
+
+def measure_shapes(model, name, context, timer, shapes, vocab, device, reference, compile_mode=None, out=None,
                    saved=None):
-    """Times every shape under `context`; returns {shape_key: {ms, max_diff}} (+ compile_s when compiled:
-    the first call's seconds, which include compiling that shape). Fills `out` if given, calling `saved()`
-    after each shape (compiling takes about a minute a shape: a run cut short keeps the shapes it finished)."""
+    """Times every shape under `context`; returns {shape_key: {ms, max_diff}}. With `compile_mode` (a
+    torch.compile mode) the model is compiled and each shape also gets compile_s (the first call's seconds,
+    which include compiling that shape), the dynamo counts of that first call and ``recompiles``: frames compiled
+    while timing (0 when the compiled graphs were reused); `out` gets ``"dynamo"``: the variant's totals. Fills
+    `out` if given, calling `saved()` after each shape (compiling takes about a minute a shape: a run cut short
+    keeps the shapes it finished)."""
+    from torch._dynamo.utils import counters
+
     out = {} if out is None else out
+    compiled = compile_mode is not None
+    if compiled:
+        torch._dynamo.reset()
+        counters.clear()
     with context():
-        target = torch.compile(model, dynamic=True) if compiled else model
+        target = torch.compile(model, dynamic=True, mode=compile_mode) if compiled else model
         for key, builder in shapes.items():
             try:
                 fn = builder(target)
+                before = dynamo_counts() if compiled else None
                 started = time.perf_counter()
                 fn()
                 first_s = time.perf_counter() - started
+                first = dynamo_counts() if compiled else None
                 ms = timer(fn)
                 logits = fn()
                 entry = {"ms": ms, "finite": bool(torch.isfinite(logits).all())}
                 if compiled:
+                    after = dynamo_counts()
                     entry["compile_s"] = round(first_s, 1)
-                    print(f"  {name:<22} {key}={ms:.2f}ms (first call {first_s:.0f} s)", flush=True)
+                    entry["first_call"] = {k: first[k] - before[k] for k in first}
+                    entry["recompiles"] = after["frames_compiled"] - first["frames_compiled"]
+                    entry["cudagraph_skips"] = after["cudagraph_skips"] - before["cudagraph_skips"]
+                    print(f"  {name:<22} {key}={ms:.2f}ms (first call {first_s:.0f} s, {entry['first_call']}, "
+                          f"recompiles while timed {entry['recompiles']})", flush=True)
                 if key in reference:
                     entry["max_diff"] = max_diff(logits, reference[key])
                 else:
@@ -173,8 +213,12 @@ def measure_shapes(model, name, context, timer, shapes, vocab, device, reference
 
             PROFILES_SEEN[name] = routing.summary_line()
         if compiled:
+            out["dynamo"] = dynamo_counts()
+            if saved is not None:
+                saved()
             torch._dynamo.reset()
-    print(f"  {name:<22} " + "  ".join(f"{k}={v.get('ms', float('nan')):.2f}ms" for k, v in out.items()), flush=True)
+    print(f"  {name:<22} " + "  ".join(f"{k}={v.get('ms', float('nan')):.2f}ms" for k, v in out.items()
+                                       if k != "dynamo"), flush=True)
     return out
 
 
@@ -262,12 +306,13 @@ def run_model(name, args, device, dtype, kernels, save):
             rounds[variant].append(measure_shapes(model, variant, context, timer, shapes, vocab, device, reference))
             result["forward"][variant] = merge_rounds(rounds[variant])
             save(result)
-    if "compile" in args.parts and not args.quick:
-        for variant, context in (("compile_hf", contextlib.nullcontext),
-                                 ("compile_fl_patch", lambda: fl_patch.patched(kernels=kernels))):
-            if wanted(args, variant):
-                measure_shapes(model, variant, context, timer, shapes, vocab, device, reference, compiled=True,
-                               out=result["forward"].setdefault(variant, {}), saved=lambda: save(result))
+    if "compile" in args.parts:  # with --quick only the compiled variants --variants names (minutes on CPU)
+        contexts = {"hf": contextlib.nullcontext, "fl_patch": lambda: fl_patch.patched(kernels=kernels)}
+        for variant, (context, mode) in COMPILED.items():
+            if wanted(args, variant) and (not args.quick or variant in args.variants):
+                measure_shapes(model, variant, contexts[context], timer, shapes, vocab, device, reference,
+                               compile_mode=mode, out=result["forward"].setdefault(variant, {}),
+                               saved=lambda: save(result))
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()} if "train" in args.parts else None
     if "train" in args.parts:
         ids = inputs((2, 64) if args.quick else (4, 1024), vocab, device)
@@ -313,6 +358,12 @@ def markdown(results: dict) -> str:
                 nan = "" if entry.get("finite", True) else ", **NaN**"
                 cells.append(f"{entry['ms']:.2f} ({ratio:.2f}x, {entry.get('max_diff', 0):.3g}{nan})")
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        for variant, shapes in forward.items():
+            if isinstance(shapes, dict) and "dynamo" in shapes:
+                counts = shapes["dynamo"]
+                recompiles = ", ".join(f"{k} {v['recompiles']}" for k, v in shapes.items() if "recompiles" in v)
+                lines.append(f"\n{variant}: {counts['graph_breaks']} graph breaks, {counts['graphs']} graphs, "
+                             f"{counts['cudagraph_skips']} CUDA-graph skips; recompiles while timed: {recompiles}")
         if result["train"]:
             lines.append("\n| training step 4x1024 | ms | x vs HF | peak GiB | loss |\n| --- | --- | --- | --- | --- |")
             base_ms = result["train"].get("hf_sdpa", {}).get("ms", float("nan"))

@@ -361,7 +361,9 @@ def kernel_failed(rec: reporting.Record, exc: Exception) -> str:
     """A provider's kernel raised `exc` on a call of `rec`'s place: the reason to count that call under (the
     caller then runs the original). FlagGems that can't be imported turns every record on it into a
     ``fallback`` one, said once; another error is logged once per place and exception type. With
-    FL_PATCH_STRICT=1 it raises PatchError instead."""
+    FL_PATCH_STRICT=1 it raises PatchError instead. Under torch.compile the replacement's guard runs at trace time
+    and the kernel later, inside the compiled graph: a kernel failing there raises
+    ``fl_patch.kernels.custom_ops.CompiledKernelError`` and never gets here."""
     from fl_patch.kernels import gems
 
     if isinstance(exc, gems.GemsUnavailable):

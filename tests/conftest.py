@@ -31,14 +31,19 @@ def fake_gems(monkeypatch):
     from fl_patch.kernels import gems, rope
 
     monkeypatch.syspath_prepend(str(FAKE_GEMS_DIR))
-    sys.modules.pop("flag_gems", None)
+    _forget_flag_gems()
     gems._reset_for_tests()
     monkeypatch.setattr(rope, "_table_cache", None)
     module = gems.load()
     module.calls.clear()
     yield module
     gems._reset_for_tests()
-    sys.modules.pop("flag_gems", None)
+    _forget_flag_gems()
+
+
+def _forget_flag_gems():
+    for name in [name for name in sys.modules if name == "flag_gems" or name.startswith("flag_gems.")]:
+        del sys.modules[name]
 
 
 def run_python(code, env=None, bootstrap=True, extra_path=(), timeout=180):

@@ -278,22 +278,31 @@ def test_a_native_rms_norm_family_runs_torch_fused_rms_norm_at_every_size(stand_
     torch.testing.assert_close(actual, expected, rtol=0.032, atol=0.032)  # 1 bf16 ulp: see test_kernels
 
 
-def test_gems_calls_go_to_the_original_under_torch_compile_with_no_graph_break(stand_in_device):
-    """FlagGems' Triton launcher can't be traced by dynamo: compiled graphs keep the originals, unbroken."""
+def test_gems_calls_are_custom_ops_under_torch_compile_with_no_graph_break(stand_in_device, fake_gems):
+    """Under torch.compile a gems call is traced as one fl_patch:: custom op (no graph break) that runs FlagGems
+    when the graph does; a call routed away (fp32 here) runs the original; nothing is counted from inside a
+    compiled graph, neither the gems calls nor the fallbacks."""
     fl_patch.apply(kernels="gems", include=["torch.rms_norm"])
-    weight = torch.ones(64)
+    weight = torch.ones(64, dtype=torch.bfloat16)
 
     def norm(x):
         return torch.nn.functional.rms_norm(x, (64,), weight, 1e-6)
 
     x = torch.randn(8, 64, dtype=torch.bfloat16)
+    eager = norm(x)
+    torch._dynamo.reset()
     explained = torch._dynamo.explain(norm)(x)
     assert explained.graph_break_count == 0
-    compiled = torch.compile(norm, backend="eager")(x)
+    assert "torch.ops.fl_patch.rms_norm_forward" in explained.graphs[0].code
+    fake_gems.calls.clear()
+    compiled = torch.compile(norm, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), eager)
+    assert fake_gems.calls == [("rms_norm_forward",)]
+    fp32 = torch.randn(8, 64)
+    assert torch.equal(compiled(fp32), torch.rms_norm(fp32, (64,), weight, 1e-6))
     torch._dynamo.reset()
-    fl_patch.revert()
-    assert torch.equal(compiled, norm(x))
-    assert fallbacks("torch.rms_norm") == {}  # nothing counted from inside the compiled graph
+    assert fallbacks("torch.rms_norm") == {}  # nothing counted from inside the compiled graphs
+    assert fake_gems.calls == [("rms_norm_forward",)]
 
 
 # ------------------------------------------------------------------------------------------- vendor detection

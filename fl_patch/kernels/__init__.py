@@ -1,6 +1,9 @@
 """Kernel layer: one module per op family, each with a FlagGems path, a torch reference and a cheap check.
 
-- ``gems``: lazy, thread-safe FlagGems loader (imports neither torch nor flag_gems itself).
+- ``gems``: lazy, thread-safe FlagGems loader (imports neither torch nor flag_gems itself); ``gems.ops()`` is
+  what the kernels call FlagGems through.
+- ``custom_ops``: the FlagGems functions as ``torch.library`` custom ops, what ``gems.ops()`` gives while
+  torch.compile traces (defined on the first traced gems call).
 - ``rms_norm``: HF Llama-style, Gemma-style (``1 + w``) and ``F.rms_norm``.
 - ``rope``: HF ``apply_rotary_pos_emb`` (full and partial rotary) and LightX2V's interleaved complex form.
 - ``attention``: ``F.scaled_dot_product_attention`` and flash-style varlen attention.

@@ -100,7 +100,7 @@ def gems_sdpa(
     enable_gqa: bool = False,
 ) -> torch.Tensor:
     """``reference_sdpa`` on FlagGems for ``(B, H, S, D)`` inputs that ``unsupported_sdpa`` accepts."""
-    flag_gems = gems.load()
+    flag_gems = gems.ops()
     q_len, kv_len, head_dim = query.shape[2], key.shape[2], query.shape[3]
     if _takes_flash(attn_mask, is_causal, q_len, kv_len, head_dim):
         out = flag_gems.flash_attention_forward(
@@ -256,7 +256,7 @@ def gems_varlen(
     softmax_scale: float | None = None,
 ) -> torch.Tensor:
     """``reference_varlen`` on FlagGems' ``flash_attn_varlen_func`` (cumulative lengths as int32)."""
-    return gems.load().flash_attn_varlen_func(
+    return gems.ops().flash_attn_varlen_func(
         q, k, v, max_seqlen_q, cu_seqlens_q.to(torch.int32), max_seqlen_kv,
         cu_seqlens_k=cu_seqlens_kv.to(torch.int32), softmax_scale=softmax_scale, causal=causal,
     )

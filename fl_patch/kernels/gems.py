@@ -125,19 +125,37 @@ def dtype_reason(dtype) -> str | None:
 
 
 def tensor_reason(tensor) -> str | None:
-    """"torch.compile", "flag_gems unusable", device, dtype, then "empty tensor" for the tensor that decides a gems
-    call; None if all pass.
+    """Under torch.compile, why gems calls can't be traced here (see below); then "flag_gems unusable", device,
+    dtype, "empty tensor" for the tensor that decides a gems call; None if all pass.
 
-    Every ``unsupported_*`` calls this first, before its shape checks. Under torch.compile every gems call goes to
-    the original: dynamo can't trace FlagGems 5.0.2's Triton launcher (it graph-breaks at each call and compiles
-    for minutes), while inductor fuses the originals. Which calls *should* go to FlagGems on this device, for
-    speed, is :mod:`fl_patch.routing`'s question, asked before this one (``fl_patch.replacements.kernel_pair``).
+    Every ``unsupported_*`` calls this first, before its shape checks. Under torch.compile gems calls are traced
+    as fl_patch's custom ops (:mod:`fl_patch.kernels.custom_ops`, reached through :func:`ops`); where those
+    can't be used (FlagGems can't be imported, torch without ``torch.library.custom_op``) the reason is returned
+    and the call runs the original. Which calls *should* go to FlagGems on this device, for speed, is
+    :mod:`fl_patch.routing`'s question, asked before this one (``fl_patch.replacements.kernel_pair``).
     """
     if sys.modules["torch"].compiler.is_compiling():
-        return "torch.compile"
+        from fl_patch.kernels import custom_ops
+
+        reason = custom_ops.compile_reason()  # a constant of the trace: runs once, outside the graph
+        if reason is not None:
+            return reason
     if _load_error is not None:
         return UNUSABLE
     reason = device_reason(tensor) or dtype_reason(tensor.dtype)
     if reason is None and tensor.numel() == 0:
         return "empty tensor"
     return reason
+
+
+def ops():
+    """What the kernel modules call FlagGems through: the ``flag_gems`` module (as :func:`load`, at the same cost).
+
+    While torch.compile traces, dynamo sees :data:`fl_patch.kernels.custom_ops.namespace` in its place, whose
+    functions have the same names and signatures and are single opaque ops: ``custom_ops.define`` registers that
+    substitution (``torch.compiler.substitute_in_graph``), so eager calls pay nothing for it. ``tensor_reason``,
+    asked first on every gems path, has defined the ops by then.
+    """
+    if _module is not None:
+        return _module
+    return load()

@@ -41,7 +41,7 @@ def gems(
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """``reference`` on FlagGems; returns y only."""
-    return _gems.load().layer_norm(x, _as_shape(normalized_shape), weight, bias, eps)[0]
+    return _gems.ops().layer_norm(x, _as_shape(normalized_shape), weight, bias, eps)[0]
 
 
 def unsupported(

@@ -22,7 +22,7 @@ def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 
 def gems(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``reference`` on FlagGems' ``mm`` / ``addmm``."""
-    flag_gems = _gems.load()
+    flag_gems = _gems.ops()
     return _matmul(flag_gems.mm, flag_gems.addmm, x, weight.t(), bias)
 
 
@@ -49,7 +49,7 @@ def reference_in_out(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor
 
 def gems_in_out(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``reference_in_out`` on FlagGems' ``mm`` / ``addmm``."""
-    flag_gems = _gems.load()
+    flag_gems = _gems.ops()
     return _matmul(flag_gems.mm, flag_gems.addmm, x, weight_t, bias)
 
 

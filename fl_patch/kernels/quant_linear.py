@@ -61,7 +61,7 @@ def reference_int8(x, weight, weight_scale, bias, out_dtype):
 
 def gems_fp8(x, weight, weight_scale, bias, out_dtype):
     """``reference_fp8`` on FlagGems: ``per_token_group_quant_fp8`` (a group per row), ``cutlass_scaled_mm``."""
-    flag_gems = _gems.load()
+    flag_gems = _gems.ops()
     rows = _rows(x)
     q, scale = flag_gems.per_token_group_quant_fp8(rows, rows.shape[-1], dtype=FP8)
     return _scaled_mm(flag_gems, x, q, scale, weight, weight_scale, bias, out_dtype)
@@ -69,7 +69,7 @@ def gems_fp8(x, weight, weight_scale, bias, out_dtype):
 
 def gems_int8(x, weight, weight_scale, bias, out_dtype):
     """``reference_int8`` with the GEMM on FlagGems' ``cutlass_scaled_mm`` (activations quantised by torch)."""
-    flag_gems = _gems.load()
+    flag_gems = _gems.ops()
     q, scale = quantize_int8(_rows(x))
     return _scaled_mm(flag_gems, x, q, scale, weight, weight_scale, bias, out_dtype)
 

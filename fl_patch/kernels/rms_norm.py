@@ -34,7 +34,7 @@ def reference_hf(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
 
 def gems_hf(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``reference_hf`` on FlagGems: HF's dtype; values within one rounding of x's dtype of HF's."""
-    out = gems.load().rms_norm(x, (x.shape[-1],), weight, eps)
+    out = gems.ops().rms_norm(x, (x.shape[-1],), weight, eps)
     if weight.dtype != x.dtype:
         out = out.to(torch.promote_types(weight.dtype, x.dtype))
     return out
@@ -84,9 +84,9 @@ def gems_gemma(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
     """``reference_gemma`` on FlagGems, with ``1 + weight`` in fp32 as the kernel's weight.
 
     ``1 + weight`` is cached per weight tensor (recomputed when the weight changes in place, and not
-    cached when autograd needs it or for inference tensors, whose changes can't be seen).
+    cached when autograd needs it, for inference tensors, whose changes can't be seen, or under torch.compile).
     """
-    return gems.load().rms_norm(x, (x.shape[-1],), _gemma_scale(weight), eps)
+    return gems.ops().rms_norm(x, (x.shape[-1],), _gemma_scale(weight), eps)
 
 
 def unsupported_gemma(provider: str, x: torch.Tensor, weight: torch.Tensor) -> str | None:
@@ -95,6 +95,8 @@ def unsupported_gemma(provider: str, x: torch.Tensor, weight: torch.Tensor) -> s
 
 
 def _gemma_scale(weight: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # in a graph: part of it (dynamo can't trace the cache)
+        return 1.0 + weight.float()
     if weight.is_inference() or (weight.requires_grad and torch.is_grad_enabled()):
         return 1.0 + weight.float()
     version = weight._version
@@ -120,7 +122,7 @@ def gems_fp32(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch
     """``reference_fp32`` on FlagGems (fp32 throughout, one rounding); no weight runs with a cached one of ones."""
     if weight is None:
         weight = _ones_like_last_dim(x)
-    return gems.load().rms_norm(x, (x.shape[-1],), weight, eps).to(x.dtype)
+    return gems.ops().rms_norm(x, (x.shape[-1],), weight, eps).to(x.dtype)
 
 
 def native_fp32(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -143,6 +145,8 @@ def unsupported_fp32(provider: str, x: torch.Tensor, weight: torch.Tensor | None
 
 
 def _ones_like_last_dim(x: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # in a graph: a constant of it, no cache
+        return torch.ones(x.shape[-1], dtype=x.dtype, device=x.device)
     key = (x.shape[-1], x.dtype, x.device)
     ones = _ones.get(key)
     if ones is None:
@@ -160,7 +164,7 @@ def reference_gated(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, e
 def gems_gated(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``reference_gated`` as two FlagGems kernels: ``rms_norm``, then ``silu_and_mul(gate, normed)`` (silu and
     product in fp32, one rounding). x, gate and weight share one dtype (``unsupported_gated``)."""
-    flag_gems = gems.load()
+    flag_gems = gems.ops()
     return flag_gems.silu_and_mul(gate, flag_gems.rms_norm(x, (x.shape[-1],), weight, eps))
 
 
@@ -202,7 +206,7 @@ def reference_torch(
 
 def gems_torch(x: torch.Tensor, normalized_shape, weight: torch.Tensor, eps: float | None) -> torch.Tensor:
     """``reference_torch`` on FlagGems (weight required: ``unsupported_torch`` routes None away)."""
-    return gems.load().rms_norm(x, _as_shape(normalized_shape), weight, _eps_or_default(eps, x.dtype))
+    return gems.ops().rms_norm(x, _as_shape(normalized_shape), weight, _eps_or_default(eps, x.dtype))
 
 
 def unsupported_torch(provider: str, x: torch.Tensor, normalized_shape, weight: torch.Tensor | None) -> str | None:

@@ -11,7 +11,8 @@ The table's row count is a compile-time constant of the kernel (a new count is a
 table is copied into a buffer of a bucketed row count (4096, or the next power of two above) and cached
 for the cos/sin pair it came from: HF passes the same cos/sin objects to every layer of one forward, so
 the copy is paid once per forward. The cache keeps one entry, held by identity (and version counter,
-except for inference tensors, which can't be changed outside inference mode).
+except for inference tensors, which can't be changed outside inference mode). Under torch.compile there is no
+cache: the copy is traced into the graph (dynamo can't trace ``is_inference`` or the module-level entry).
 
 The FlagGems kernel has no autograd: calls that need gradients are routed away.
 """
@@ -62,7 +63,7 @@ def gems_hf(
     in q's layout: for HF's usual q (a transposed ``(B, S, H, D)`` projection) no copy is made besides
     the kernel's output.
     """
-    flag_gems = gems.load()
+    flag_gems = gems.ops()
     q_tokens = _tokens_first(q, unsqueeze_dim)
     k_tokens = _tokens_first(k, unsqueeze_dim)
     q_shape, k_shape = q_tokens.shape, k_tokens.shape
@@ -97,23 +98,28 @@ def _tokens_first(x: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
 
 
 def _hf_table(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    compiling = torch.compiler.is_compiling()  # no cache in a graph: the copy is part of it, once per forward
     entry = _table_cache
-    if entry is not None and entry[0] is cos and entry[1] is sin and entry[2] == _versions(cos, sin):
+    if not compiling and entry is not None and entry[0] is cos and entry[1] is sin and entry[2] == _versions(cos, sin):
         return entry[3]
     rotary_dim = cos.shape[-1]
     half = rotary_dim // 2
     tables = _padded_tables(cos.reshape(-1, rotary_dim)[:, :half], sin.reshape(-1, rotary_dim)[:, :half])
-    _remember(cos, sin, tables)
+    if not compiling:
+        _remember(cos, sin, tables)
     return tables
 
 
 def _interleaved_table(freqs_cis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    compiling = torch.compiler.is_compiling()
     entry = _table_cache
-    if entry is not None and entry[0] is freqs_cis and entry[1] is None and entry[2] == _versions(freqs_cis, None):
+    if (not compiling and entry is not None and entry[0] is freqs_cis and entry[1] is None
+            and entry[2] == _versions(freqs_cis, None)):
         return entry[3]
     pairs = torch.view_as_real(freqs_cis).reshape(freqs_cis.shape[0], -1, 2)
     tables = _padded_tables(pairs[..., 0], pairs[..., 1])
-    _remember(freqs_cis, None, tables)
+    if not compiling:
+        _remember(freqs_cis, None, tables)
     return tables
 
 
@@ -200,7 +206,7 @@ def gems_interleaved(
     q: torch.Tensor, k: torch.Tensor, freqs_cis: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference_interleaved`` on FlagGems (``rotary_interleaved=True``, cos/sin = real/imag of freqs)."""
-    flag_gems = gems.load()
+    flag_gems = gems.ops()
     cos_table, sin_table = _interleaved_table(freqs_cis)
     q_out, k_out = flag_gems.apply_rotary_pos_emb(
         q.unsqueeze(0), k.unsqueeze(0), cos_table, sin_table, rotary_interleaved=True

@@ -21,7 +21,7 @@ def reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def gems(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``reference`` on ``flag_gems.silu_and_mul(gate, up)``."""
-    return _gems.load().silu_and_mul(gate, up)
+    return _gems.ops().silu_and_mul(gate, up)
 
 
 def unsupported(provider: str, gate: torch.Tensor, up: torch.Tensor) -> str | None:

@@ -29,6 +29,28 @@ def rms_norm(x, normalized_shape, weight, eps=1e-5):
     return (normed * weight.reshape(n).float()).to(x.dtype).view(x.shape)
 
 
+def rms_norm_forward(x, normalized_shape, weight, eps=1e-5):
+    """``(y, inv_rms)``: y as ``rms_norm`` gives it (contiguous), inv_rms ``(rows,)`` fp32."""
+    calls.append(("rms_norm_forward",))
+    n = math.prod(normalized_shape)
+    rows = x.contiguous().view(-1, n).float()
+    inv_rms = torch.rsqrt(rows.pow(2).mean(-1) + eps)
+    y = (rows * inv_rms[:, None] * weight.reshape(n).float()).to(x.dtype).view(x.shape)
+    return y, inv_rms
+
+
+def rms_norm_backward(dy, x, inv_rms, normalized_shape, weight, eps=1e-5):
+    """``(dx, dw)`` in fp32 math: dx contiguous in x's dtype, dw ``(N,)`` in x's dtype (as the real one)."""
+    calls.append(("rms_norm_backward",))
+    n = math.prod(normalized_shape)
+    rows, grads = x.contiguous().view(-1, n).float(), dy.contiguous().view(-1, n).float()
+    w, r = weight.reshape(n).float(), inv_rms[:, None]
+    normed = rows * r
+    dx = r * (grads * w - normed * (grads * w * normed).mean(-1, keepdim=True))
+    dw = (grads * normed).sum(0)
+    return dx.to(x.dtype).view(x.shape), dw.to(x.dtype)
+
+
 def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, rotary_interleaved=False, inplace=False):
     """Heads on dim -2, earlier dims flattened to tokens; half-width tables indexed by position
     (``position_ids``, or ``token % q.shape[-3]`` for a 4-D q); the math in fp32, out in q's dtype."""
@@ -54,10 +76,10 @@ def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, rotary_interleaved=F
     assert int(positions.max()) < cos.shape[0], "position id out of bound"
     cos_rows = cos[positions].float()[:, None, :]
     sin_rows = sin[positions].float()[:, None, :]
-    return (
-        _rotate(q_tokens, cos_rows, sin_rows, rotary_interleaved).view(q_shape),
-        _rotate(k_tokens, cos_rows, sin_rows, rotary_interleaved).view(k_shape),
-    )
+    q_embed, k_embed = torch.empty_like(q_tokens), torch.empty_like(k_tokens)  # the real one's outputs
+    q_embed.copy_(_rotate(q_tokens, cos_rows, sin_rows, rotary_interleaved))
+    k_embed.copy_(_rotate(k_tokens, cos_rows, sin_rows, rotary_interleaved))
+    return q_embed.view(q_shape), k_embed.view(k_shape)
 
 
 def _rotate(x, cos_rows, sin_rows, interleaved):
@@ -103,8 +125,8 @@ def scaled_dot_product_attention(
         keep = torch.ones(q_len, kv_len, dtype=torch.bool).tril()
         scores = scores + torch.where(keep, 0.0, -1.0e6)
     probs = torch.exp2(scores - scores.amax(dim=-1, keepdim=True))
-    out = torch.matmul(probs / probs.sum(dim=-1, keepdim=True), v)
-    return out.to(value.dtype)
+    out = torch.empty_like(query, dtype=value.dtype)  # the real one's output layout
+    return out.copy_(torch.matmul(probs / probs.sum(dim=-1, keepdim=True), v))
 
 
 def flash_attention_forward(
@@ -155,7 +177,8 @@ def flash_attention_forward(
         keep = torch.ones(q_len, kv_len, dtype=torch.bool).tril(kv_len - q_len)
         scores = scores.masked_fill(~keep, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    out = torch.matmul(probs, v).transpose(1, 2).to(query.dtype)
+    out = torch.empty_like(query)  # the real one's output layout
+    out.copy_(torch.matmul(probs, v).transpose(1, 2))
     return out, None, None, None, None
 
 
