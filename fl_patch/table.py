@@ -26,11 +26,12 @@ ENTRY_POINT_GROUP = "fl_patch.patches"
 
 # The op families. A family name in include/exclude selects every row of that family.
 FAMILIES = (
-    "attention", "rms_norm", "rope", "linear", "swiglu", "layer_norm", "gems_global", "distributed", "platform",
+    "attention", "rms_norm", "rope", "linear", "swiglu", "layer_norm", "cross_entropy", "gems_global", "distributed",
+    "platform",
 )
 
 # Families that need a kernel provider (FlagGems or the torch reference); the others change other things.
-KERNEL_FAMILIES = ("attention", "rms_norm", "rope", "linear", "swiglu", "layer_norm")
+KERNEL_FAMILIES = ("attention", "rms_norm", "rope", "linear", "swiglu", "layer_norm", "cross_entropy")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Target:
     runs_without_kernels: bool = False
     explicit_choice: bool = False
     kernel_free: bool = False
+    opt_in: bool = False
     description: str = ""
 
     def __post_init__(self):
@@ -130,11 +132,19 @@ class Registry:
         return clashes
 
     def select(self, include: tuple[str, ...], exclude: tuple[str, ...]) -> tuple[list[Target], list[Target]]:
-        """Split rows into (selected, excluded) by include (empty = every row) and exclude lists."""
+        """Split rows into (selected, excluded) by include (empty = every row) and exclude lists.
+
+        An opt-in row is selected only when its own name is included (its family's name does not select it);
+        opt-in names don't narrow the include list: ``include=["<opt-in row>"]`` is every row plus that one."""
+        opt_in = {t.name for t in self.targets.values() if t.opt_in}
+        narrowing = set(include) - opt_in
         selected, excluded = [], []
         for target in self.targets.values():
             named = {target.name, target.family}
-            wanted = bool(named & set(include)) if include else True
+            if target.opt_in:
+                wanted = target.name in include
+            else:
+                wanted = bool(named & narrowing) if narrowing else True
             if wanted and not named & set(exclude):
                 selected.append(target)
             else:

@@ -5,6 +5,7 @@ of the watched packages (see ``fl_patch._bootstrap``) started importing, never a
 INTEGRATION_MODULES = (
     "fl_patch.integrations.torch",
     "fl_patch.integrations.transformers",
+    "fl_patch.integrations.transformers_loss",
     "fl_patch.integrations.lightx2v",
     "fl_patch.integrations.gems_global",
     "fl_patch.integrations.distributed",

@@ -1,0 +1,97 @@
+"""Fused linear + cross-entropy: ``cross_entropy(hidden @ weight.T, target)`` over chunks of tokens, so that the
+``[tokens, vocab]`` logits are never materialised whole (a chunk's are, about the size of ``hidden``).
+
+The forward also computes the gradients (the approach of Liger-Kernel's fused linear cross-entropy): per chunk,
+the logits in the weight's dtype, the per-row losses and their gradient in fp32 (the chunk cross-entropy,
+:mod:`fl_patch.kernels.cross_entropy`), that gradient cast back to the logits' dtype, then ``grad_hidden = g @
+weight`` and ``grad_weight += g.T @ hidden``. That is HF's arithmetic (logits from ``lm_head`` in the weight's
+dtype, ``.float()``, cross-entropy in fp32, the gradient cast back by ``.float()``'s backward) chunk by chunk; the
+one difference is ``grad_weight``, the sum of one GEMM per chunk (each accumulating in fp32 and rounding once into
+the weight's dtype, as Liger does) where HF runs one GEMM over every token. The backward only scales the stored
+gradients by the incoming one: three GEMMs per token in all, as without fusion.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+# chunk_ce(logits, target, row_scale, need_grad) -> (fp32 per-row losses, grad of sum(row_scale * losses) or None)
+ChunkCrossEntropy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], tuple]
+
+
+def chunk_rows(tokens: int, hidden_size: int, vocab_size: int) -> int:
+    """Tokens per chunk: a power of two such that a chunk's logits are about the size of the hidden states
+    (Liger-Kernel's rule: ``tokens / ceil(vocab / hidden)``, rounded up to a power of two)."""
+    rows = math.ceil(tokens / math.ceil(vocab_size / hidden_size))
+    return 1 << max(0, rows - 1).bit_length()
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                               ignore_index: int, num_items_in_batch, chunk_ce: ChunkCrossEntropy,
+                               chunk: int | None = None) -> torch.Tensor:
+    """transformers' ``fixed_cross_entropy(hidden @ weight.T, target, num_items_in_batch, ignore_index)`` (mean
+    over the rows whose target is not `ignore_index`, or their sum over `num_items_in_batch`), chunked.
+
+    hidden ``[N, H]`` and weight ``[V, H]`` of one dtype, target int64 ``[N]``; `chunk` rows at a time (default
+    :func:`chunk_rows`). Gradients flow to hidden and weight as they require (computed in this forward)."""
+    valid = target != ignore_index
+    safe = torch.where(valid, target, 0)
+    if num_items_in_batch is None:
+        denominator = valid.sum()
+    elif torch.is_tensor(num_items_in_batch):
+        denominator = num_items_in_batch.to(hidden.device)
+    else:
+        denominator = torch.tensor(num_items_in_batch, device=hidden.device)
+    chunk = chunk or chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0])
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _FusedLinearCrossEntropy.apply(hidden, weight, safe, valid, denominator, chunk, chunk_ce)
+    total, _, _ = _chunks(hidden, weight, safe, valid, denominator, chunk, chunk_ce, False, False)
+    return total / denominator
+
+
+def _chunks(hidden, weight, target, valid, denominator, chunk, chunk_ce, need_hidden, need_weight):
+    """(sum of the counted rows' losses, grad of the loss for hidden or None, for weight or None)."""
+    row_scale = torch.where(valid, 1.0 / denominator.float(), 0.0)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    grad_weight = torch.zeros_like(weight) if need_weight else None
+    for start in range(0, hidden.shape[0], chunk):
+        end = min(start + chunk, hidden.shape[0])
+        rows_in = hidden[start:end]
+        logits = torch.mm(rows_in, weight.t())
+        rows, grad = chunk_ce(logits, target[start:end], row_scale[start:end], need_hidden or need_weight)
+        total += torch.where(valid[start:end], rows, 0.0).sum()
+        del logits
+        if grad_hidden is not None:
+            torch.mm(grad, weight, out=grad_hidden[start:end])
+        if grad_weight is not None:
+            grad_weight.addmm_(grad.t(), rows_in)
+    return total, grad_hidden, grad_weight
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, valid, denominator, chunk, chunk_ce):
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        total, grad_hidden, grad_weight = _chunks(hidden, weight, target, valid, denominator, chunk, chunk_ce,
+                                                  need_hidden, need_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.used = False
+        return total / denominator
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.used:
+            raise RuntimeError("fl_patch's fused linear cross-entropy computed its gradients in the forward and "
+                               "scaled them in place: it can't be backpropagated through twice (retain_graph)")
+        ctx.used = True
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # in place: the stored gradients are this function's own buffers (x * 1.0 leaves them exact)
+        if grad_hidden is not None:
+            grad_hidden.mul_(grad_output)
+        if grad_weight is not None:
+            grad_weight.mul_(grad_output)
+        return grad_hidden, grad_weight, None, None, None, None, None
