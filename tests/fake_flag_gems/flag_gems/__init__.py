@@ -314,3 +314,27 @@ def cutlass_scaled_mm(c, a, b, a_scale, b_scale, bias=None):
         out = (out + bias).to(c.dtype)
     c.copy_(out)
     return c
+
+
+def cross_entropy_loss(inp, target, weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0):
+    """5.0.2's ``fused/cross_entropy_loss`` for integer targets ``[N]`` and logits ``[N, C]``: fp32 math, output in
+    inp's dtype, its own backward (autograd here). Its quirk: the kernel loads the logit at *every* row's target,
+    ignored rows included, masked only by the row bound (-100 reads before the row, before the tensor for row 0):
+    asserted here, as that read is what can turn the masked-out value into NaN."""
+    assert weight is None and label_smoothing == 0.0, "fake: only the unweighted, unsmoothed form modelled"
+    assert inp.dim() == 2 and target.dim() == 1 and target.shape[0] == inp.shape[0], "fake: only [N, C] modelled"
+    classes = inp.shape[1]
+    assert bool(((target >= 0) & (target < classes)).all()), (
+        "fake: 5.0.2 reads inp[row, target] for every row, ignored ones included: out of bounds here")
+    calls.append(("cross_entropy_loss", reduction))
+    x = inp.float()
+    keep = (target != ignore_index).float()
+    rows = (torch.logsumexp(x, dim=-1) - x.gather(1, target[:, None]).squeeze(1)) * keep
+    if reduction == "mean":
+        out = rows.sum() / keep.sum()
+    elif reduction == "sum":
+        out = rows.sum()
+    else:
+        assert reduction == "none"
+        out = rows
+    return out.to(inp.dtype)
