@@ -17,7 +17,11 @@ Each compiled variant also records dynamo's graph breaks, graphs and frames comp
 being timed (recompiles: should be 0) and inductor's CUDA-graph skips, so a run shows whether decode fell back
 to eager or re-compiled.
 
-plus a training step (forward + backward + AdamW, 4x1024): time and peak memory for hf_sdpa, fl_patch, liger.
+plus a training step (forward + backward + AdamW, 4x1024, labels = the inputs): time, peak memory and first-step loss
+for hf_sdpa, fl_patch (defaults: the loss's cross-entropy on FlagGems), fl_patch_flce (plus the opt-in fused
+linear + cross-entropy, ``include=["transformers.fused_linear_cross_entropy"]``), liger (rope, RMSNorm, SwiGLU, no
+loss kernel) and liger_flce (those plus ``fused_linear_cross_entropy=True``, Liger's default and how its users run
+it). ``--parts train --train-variants fl_patch_flce,liger_flce`` runs a subset (hf_sdpa always runs).
 Ratios are speed-ups over hf_sdpa in the same run (>1 = faster).
 
     python benchmarks/bench_e2e.py --out benchmarks/results            # GPU, full
@@ -253,11 +257,36 @@ def measure_train(model, context, timer, ids, device, initial):
     return {"ms": ms, "peak_gib": peak, "loss": loss}
 
 
-def apply_liger(name, model):
+FUSED_LOSS_ROW = "transformers.fused_linear_cross_entropy"
+TRAIN_VARIANTS = ("hf_sdpa", "fl_patch", "fl_patch_flce", "liger", "liger_flce")
+
+
+def train_variant(result, variant, model, context, timer, ids, device, initial, save) -> None:
+    """Measure one training variant into result["train"], print it and save; an error is recorded, not raised."""
+    try:
+        train = measure_train(model, context, timer, ids, device, initial)
+        print(f"  train {variant:<16} {train['ms']:.1f} ms, peak {train['peak_gib']:.2f} GiB, loss {train['loss']:.4f}",
+              flush=True)
+    except Exception as exc:
+        train = {"error": f"{type(exc).__name__}: {exc}"}
+        traceback.print_exc()
+    result["train"][variant] = train
+    save(result)
+
+
+def apply_liger(name, model, fused_loss: bool = False):
+    """Liger's patches for `model` (it can't revert: the liger variants run last). `fused_loss`: also its fused
+    linear + cross-entropy, which replaces the causal-LM class's forward."""
     from liger_kernel.transformers import apply_liger_kernel_to_llama, apply_liger_kernel_to_qwen3
 
     patch = {"llama": apply_liger_kernel_to_llama, "qwen3": apply_liger_kernel_to_qwen3}[name]
-    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=model)
+    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=fused_loss,
+          model=model)
+
+
+def train_wanted(args, variant: str) -> bool:
+    """Whether --train-variants (empty: all) asks for this training variant; hf_sdpa always runs."""
+    return not args.train_variants or variant == "hf_sdpa" or variant in args.train_variants
 
 
 def wanted(args, variant: str) -> bool:
@@ -314,23 +343,36 @@ def run_model(name, args, device, dtype, kernels, save):
                                compile_mode=mode, out=result["forward"].setdefault(variant, {}),
                                saved=lambda: save(result))
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()} if "train" in args.parts else None
+    ids = inputs((2, 64) if args.quick else (4, 1024), vocab, device)
     if "train" in args.parts:
-        ids = inputs((2, 64) if args.quick else (4, 1024), vocab, device)
-        result["train"]["hf_sdpa"] = measure_train(model, contextlib.nullcontext, timer, ids, device, initial)
-        result["train"]["fl_patch"] = measure_train(model, lambda: fl_patch.patched(kernels=kernels), timer, ids,
-                                                    device, initial)
-        for variant, train in result["train"].items():
-            print(f"  train {variant:<16} {train['ms']:.1f} ms, peak {train['peak_gib']:.2f} GiB", flush=True)
-    if not args.quick and not args.no_liger and wanted(args, "liger"):
+        fused_loss = [FUSED_LOSS_ROW]
+        for variant, context in (("hf_sdpa", contextlib.nullcontext),
+                                 ("fl_patch", lambda: fl_patch.patched(kernels=kernels)),
+                                 ("fl_patch_flce", lambda: fl_patch.patched(kernels=kernels, include=fused_loss))):
+            if train_wanted(args, variant):
+                train_variant(result, variant, model, context, timer, ids, device, initial, save)
+    if not args.quick and not args.no_liger:
         try:
-            apply_liger(name, model)
-            result["forward"]["liger"] = measure_shapes(model, "liger", contextlib.nullcontext, timer, shapes, vocab,
-                                                        device, reference)
+            if wanted(args, "liger") or train_wanted(args, "liger"):
+                apply_liger(name, model)
+            if wanted(args, "liger"):
+                result["forward"]["liger"] = measure_shapes(model, "liger", contextlib.nullcontext, timer, shapes,
+                                                            vocab, device, reference)
+                save(result)
+            if "train" in args.parts and train_wanted(args, "liger"):
+                train_variant(result, "liger", model, contextlib.nullcontext, timer, ids, device, initial, save)
+            if "train" in args.parts and train_wanted(args, "liger_flce"):
+                apply_liger(name, model, fused_loss=True)
+                train_variant(result, "liger_flce", model, contextlib.nullcontext, timer, ids, device, initial, save)
+        except Exception as exc:  # liger absent or broken: say so in each liger entry asked for
+            error = {"error": f"{type(exc).__name__}: {exc}"}
+            if wanted(args, "liger"):
+                result["forward"].setdefault("liger", error)
+            for variant in ("liger", "liger_flce"):
+                if "train" in args.parts and train_wanted(args, variant):
+                    result["train"].setdefault(variant, error)
             save(result)
-            if "train" in args.parts:
-                result["train"]["liger"] = measure_train(model, contextlib.nullcontext, timer, ids, device, initial)
-        except Exception as exc:
-            result["forward"]["liger"] = {"error": f"{type(exc).__name__}: {exc}"}
+            traceback.print_exc()
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -368,6 +410,9 @@ def markdown(results: dict) -> str:
             lines.append("\n| training step 4x1024 | ms | x vs HF | peak GiB | loss |\n| --- | --- | --- | --- | --- |")
             base_ms = result["train"].get("hf_sdpa", {}).get("ms", float("nan"))
             for variant, train in result["train"].items():
+                if "ms" not in train:
+                    lines.append(f"| {variant} | {train.get('error', '-')[:60]} | | | |")
+                    continue
                 lines.append(f"| {variant} | {train['ms']:.1f} | {base_ms / train['ms']:.2f}x | "
                              f"{train['peak_gib']:.2f} | {train['loss']:.4f} |")
     return "\n".join(lines)
@@ -411,6 +456,8 @@ def main() -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
     parser.add_argument("--no-liger", action="store_true")
     parser.add_argument("--variants", default="", help="comma list of forward variants to run (default: all)")
+    parser.add_argument("--train-variants", default="",
+                        help=f"comma list of training variants to run (default: all of {', '.join(TRAIN_VARIANTS)})")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the eager variants this many times, interleaved; report the median round")
     parser.add_argument("--seconds", type=float, default=1.0,
@@ -427,6 +474,10 @@ def main() -> None:
     fl_patch.revert()  # `import fl_patch` may have activated from the environment: every variant starts native
     args.parts = set(args.parts.split(","))
     args.variants = {v for v in args.variants.split(",") if v}
+    args.train_variants = {v for v in args.train_variants.split(",") if v}
+    if args.train_variants - set(TRAIN_VARIANTS):
+        parser.error(f"unknown training variant(s) {sorted(args.train_variants - set(TRAIN_VARIANTS))}; accepted: "
+                     f"{', '.join(TRAIN_VARIANTS)}")
     unknown = args.parts - set(PARTS)
     if unknown:
         parser.error(f"unknown part(s) {sorted(unknown)}; accepted: {', '.join(PARTS)}")

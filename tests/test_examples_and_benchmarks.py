@@ -58,7 +58,12 @@ def test_e2e_benchmark_harness_quick(tmp_path):
             for entry in shapes.values():
                 assert "error" not in entry, entry
                 assert entry["finite"] and entry["max_diff"] < 1e-4
+        train = results["models"][model]["train"]
+        assert set(train) == {"hf_sdpa", "fl_patch", "fl_patch_flce"}, train  # liger: not in --quick
+        for entry in train.values():  # the same first step on the same weights: the same loss
+            assert entry["ms"] > 0 and abs(entry["loss"] - train["hf_sdpa"]["loss"]) < 1e-4, train
     assert "| fl_patch |" in (tmp_path / "e2e_quick.md").read_text()
+    assert "| fl_patch_flce |" in (tmp_path / "e2e_quick.md").read_text()
 
 
 def test_e2e_benchmark_rounds_interleave_and_keep_each_round(tmp_path):
