@@ -30,7 +30,9 @@ def apply(
     """Patch now (modules already imported) and on import (the rest).
 
     include / exclude: op families (``attention``, ``rms_norm``, ``rope``, ``linear``, ``swiglu``,
-    ``layer_norm``, ``gems_global``, ``distributed``, ``platform``) or target names; a list or a comma string.
+    ``layer_norm``, ``cross_entropy``, ``gems_global``, ``distributed``, ``platform``) or target names; a list or a
+    comma string. An opt-in row (``transformers.fused_linear_cross_entropy``) runs only when its name is included,
+    and naming it adds it to the other rows rather than narrowing them.
     kernels: ``"gems"`` or ``"reference"``. profile: the device profile to route by (a file or folder path, or
     ``"off"``; see fl_patch.profiles). Arguments left None come from ``FL_PATCH_*`` variables, then defaults.
     Applying again with different settings reverts first. Raises SettingsError (a ValueError) naming the bad

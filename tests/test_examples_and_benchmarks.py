@@ -66,6 +66,16 @@ def test_e2e_benchmark_harness_quick(tmp_path):
     assert "| fl_patch_flce |" in (tmp_path / "e2e_quick.md").read_text()
 
 
+def test_train_gpu_script_dry_run_checks_every_variant(tmp_path):
+    out = run_script("tests/gpu/train_gpu.py", "--dry-run", "--out-dir", str(tmp_path), timeout=600).stdout
+    results = json.loads((tmp_path / "train-gpu.json").read_text())
+    for model in ("llama", "qwen3"):
+        parts = results["models"][model]
+        assert parts["gradients"]["fl_patch_flce"]["logits_none"] and parts["gradients"]["fl_patch_flce"]["pass"]
+        assert parts["curves"]["fl_patch"]["pass"] and parts["curves"]["fl_patch_flce"]["pass"]
+    assert "checks pass, 0 errors" in out and "| fl_patch_flce |" in (tmp_path / "train-gpu.md").read_text()
+
+
 def test_e2e_benchmark_rounds_interleave_and_keep_each_round(tmp_path):
     run_script("benchmarks/bench_e2e.py", "--quick", "--models", "llama", "--parts", "prefill", "--rounds", "2",
                "--variants", "fl_patch", "--out", str(tmp_path), timeout=600)

@@ -188,6 +188,25 @@ def test_fused_loss_and_gradients_in_bf16_within_bf16_tolerance(name):
         assert err <= max(0.016 * exact[key].abs().max().item(), 2 * own), f"{key}: {err:.3g} (HF's own {own:.3g})"
 
 
+def test_fused_loss_under_autocast_computes_as_lm_head_would():
+    """fp32 weights under bf16 autocast (what mixed-precision training runs): lm_head's GEMM in bf16, the
+    gradients back in fp32; the same bounds as bf16."""
+    model = tiny("llama")
+    ids, labels = batch()
+    _, exact_loss, exact = step(model, ids, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss, grads = step(model, ids, labels)
+        fl_patch.apply(kernels="reference", include=[FUSED_ROW])
+        out, patched_loss, patched_grads = step(model, ids, labels)
+    assert out.logits is None and record(FUSED_ROW, "LlamaForCausalLM.forward")["fallbacks"] == {}
+    assert abs(patched_loss.item() - loss.item()) <= 2**-7 * abs(loss.item())
+    for key, grad in patched_grads.items():
+        assert grad.dtype == torch.float32
+        own = (grads[key] - exact[key]).abs().max().item()
+        err = (grad - exact[key]).abs().max().item()
+        assert err <= max(0.016 * exact[key].abs().max().item(), 2 * own), f"{key}: {err:.3g} (HF's own {own:.3g})"
+
+
 class LogitsRows(TorchDispatchMode):
     """The row count of every matmul output whose last dimension is the vocabulary."""
 

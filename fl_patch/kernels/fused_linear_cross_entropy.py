@@ -46,38 +46,45 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     else:
         denominator = torch.tensor(num_items_in_batch, device=hidden.device)
     chunk = chunk or chunk_rows(hidden.shape[0], hidden.shape[1], weight.shape[0])
+    device = hidden.device.type
+    compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _FusedLinearCrossEntropy.apply(hidden, weight, safe, valid, denominator, chunk, chunk_ce)
-    total, _, _ = _chunks(hidden, weight, safe, valid, denominator, chunk, chunk_ce, False, False)
+        return _FusedLinearCrossEntropy.apply(hidden, weight, safe, valid, denominator, chunk, chunk_ce, compute)
+    total, _, _ = _chunks(hidden, weight, safe, valid, denominator, chunk, chunk_ce, compute, False, False)
     return total / denominator
 
 
-def _chunks(hidden, weight, target, valid, denominator, chunk, chunk_ce, need_hidden, need_weight):
-    """(sum of the counted rows' losses, grad of the loss for hidden or None, for weight or None)."""
+def _chunks(hidden, weight, target, valid, denominator, chunk, chunk_ce, compute, need_hidden, need_weight):
+    """(sum of the counted rows' losses, grad of the loss for hidden or None, for weight or None); the GEMMs in
+    dtype `compute`, autocast off."""
     row_scale = torch.where(valid, 1.0 / denominator.float(), 0.0)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty_like(hidden) if need_hidden else None
-    grad_weight = torch.zeros_like(weight) if need_weight else None
-    for start in range(0, hidden.shape[0], chunk):
-        end = min(start + chunk, hidden.shape[0])
-        rows_in = hidden[start:end]
-        logits = torch.mm(rows_in, weight.t())
-        rows, grad = chunk_ce(logits, target[start:end], row_scale[start:end], need_hidden or need_weight)
-        total += torch.where(valid[start:end], rows, 0.0).sum()
-        del logits
-        if grad_hidden is not None:
-            torch.mm(grad, weight, out=grad_hidden[start:end])
-        if grad_weight is not None:
-            grad_weight.addmm_(grad.t(), rows_in)
+    with torch.autocast(hidden.device.type, enabled=False):
+        w = weight.to(compute)
+        grad_hidden = hidden.new_empty(hidden.shape, dtype=compute) if need_hidden else None
+        grad_weight = torch.zeros_like(w) if need_weight else None
+        for start in range(0, hidden.shape[0], chunk):
+            end = min(start + chunk, hidden.shape[0])
+            rows_in = hidden[start:end].to(compute)
+            logits = torch.mm(rows_in, w.t())
+            rows, grad = chunk_ce(logits, target[start:end], row_scale[start:end], need_hidden or need_weight)
+            total += torch.where(valid[start:end], rows, 0.0).sum()
+            del logits
+            if grad_hidden is not None:
+                torch.mm(grad, w, out=grad_hidden[start:end])
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.t(), rows_in)
+    grad_hidden = grad_hidden.to(hidden.dtype) if grad_hidden is not None else None
+    grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
     return total, grad_hidden, grad_weight
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, valid, denominator, chunk, chunk_ce):
+    def forward(ctx, hidden, weight, target, valid, denominator, chunk, chunk_ce, compute):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         total, grad_hidden, grad_weight = _chunks(hidden, weight, target, valid, denominator, chunk, chunk_ce,
-                                                  need_hidden, need_weight)
+                                                  compute, need_hidden, need_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.used = False
         return total / denominator
@@ -94,4 +101,4 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden.mul_(grad_output)
         if grad_weight is not None:
             grad_weight.mul_(grad_output)
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
