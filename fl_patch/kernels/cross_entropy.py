@@ -74,15 +74,14 @@ def reference_chunk(logits: torch.Tensor, target: torch.Tensor, row_scale: torch
                     need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(fp32 per-row losses of ``logits.float()``, the gradient of ``sum(row_scale * losses)`` in logits' dtype, or
     None without `need_grad`). `target` in range (ignored rows already class 0, with row_scale 0)."""
-    x = logits.float()  # fp32 logits are this tensor itself: it is the caller's scratch chunk
+    x = logits.float()
     lse = torch.logsumexp(x, dim=-1)
     rows = lse - x.gather(1, target[:, None]).squeeze(1)
     if not need_grad:
         return rows, None
-    grad = x.sub_(lse[:, None]).exp_()
+    grad = torch.softmax(x, dim=-1)
     grad.scatter_add_(1, target[:, None], torch.full_like(rows[:, None], -1.0))
-    grad.mul_(row_scale[:, None])
-    return rows, grad.to(logits.dtype)
+    return rows, torch.mul(grad, row_scale[:, None], out=torch.empty_like(logits))  # one pass: scale, round
 
 
 def gems_chunk(logits: torch.Tensor, target: torch.Tensor, row_scale: torch.Tensor,
