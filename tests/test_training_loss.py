@@ -141,6 +141,9 @@ def test_a_cross_entropy_kernel_that_raises_falls_back_counted(fake_gems, device
     assert_close_grads(patched_grads, grads, rtol=1e-5)
     chunks = -(-BATCH * SEQ // fused.chunk_rows(BATCH * SEQ, HIDDEN, VOCAB))
     assert record(FUSED_ROW, "LlamaForCausalLM.forward")["fallbacks"] == {"kernel error: RuntimeError": chunks}
+    model.eval()  # the fused row leaves eval calls to the original forward, whose loss is the cross_entropy row's
+    assert torch.allclose(model(input_ids=ids, labels=labels).loss, loss, rtol=1e-6)
+    assert record("transformers.cross_entropy")["fallbacks"] == {"kernel error: RuntimeError": 1}
 
 
 # ---------------------------------------------------------------------------------------------------------
