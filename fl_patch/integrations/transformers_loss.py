@@ -14,8 +14,10 @@ changes the logits in between (Gemma 2's softcapping, Cohere's ``logit_scale``, 
 and reported with the reason. The replacement runs that same original forward (so every version's arguments and
 decorators still apply), with the instance's ``lm_head`` swapped for one that hands its input through and its
 ``loss_function`` for the fused one, for the duration of the call; the output has ``logits=None``, as Liger-Kernel
-returns. It takes only training calls with labels (``model.train()``), a plain bias-free ``nn.Linear`` head without
-hooks, the standard ``ForCausalLMLoss`` and ``return_dict`` on; any other call runs the original, counted.
+returns. It takes only training calls with labels (``model.train()``), a plain bias-free ``nn.Linear`` head
+without hooks, the standard ``ForCausalLMLoss`` and ``return_dict`` on; any other call runs the original, counted.
+Its chunks' cross-entropy is torch's (:mod:`fl_patch.kernels.fused_linear_cross_entropy` gives the H200
+measurements), so it needs no kernel provider.
 
 Why opt-in: the output of a training step with labels no longer holds the logits, which code that reads them
 (accuracy metrics, distillation, logging) would find as None. fl_patch's default rows never change what the
@@ -58,6 +60,7 @@ TARGETS = [
         factory=f"{_HERE}:patch_fused_linear_cross_entropy",
         variant="fused_linear",
         requires=_NEEDS,
+        kernel_free=True,
         opt_in=True,
         description="opt-in: training with labels computes lm_head + loss in chunks, without logits (None)",
     ),
@@ -171,21 +174,7 @@ def _labels_position(forward) -> tuple[int, str | None]:
 
 
 def _fused_forward(ctx, rec, original):
-    from fl_patch.kernels import cross_entropy as ce_kernels
-
-    provider = ctx.provider
-    kernel, unsupported = kernel_pair(ce_kernels, "chunk", provider, rec)
     labels_at, _ = _labels_position(original)
-
-    def chunk_ce(logits, target, row_scale, need_grad):
-        reason = unsupported(provider, logits, target)
-        if reason is None:
-            try:
-                return kernel(logits, target, row_scale, need_grad)
-            except Exception as exc:
-                reason = kernel_failed(rec, exc)
-        rec.fallback(reason)
-        return ce_kernels.reference_chunk(logits, target, row_scale, need_grad)
 
     def forward(self, *args, **kwargs):
         labels = kwargs.get("labels", args[labels_at] if len(args) > labels_at else None)
@@ -196,7 +185,7 @@ def _fused_forward(ctx, rec, original):
             rec.fallback(reason)
             return original(self, *args, **kwargs)
         head = self.lm_head
-        call = _Call(head, rec, chunk_ce)
+        call = _Call(head, rec)
         self._modules["lm_head"] = _hand_through()()
         self.loss_function = call.loss
         try:
@@ -260,8 +249,8 @@ class _Call:
     """One fused call: the loss function the forward calls (with the hidden states as its ``logits``), and what
     became of the logits: None when fused, the real ones when the loss had to compute them."""
 
-    def __init__(self, head, rec, chunk_ce):
-        self.head, self.rec, self.chunk_ce = head, rec, chunk_ce
+    def __init__(self, head, rec):
+        self.head, self.rec = head, rec
         self.logits = None
         self.fused = False
 
@@ -293,4 +282,4 @@ class _Call:
             return loss_utils.ForCausalLMLoss(self.logits, labels, vocab_size, num_items_in_batch, ignore_index,
                                               shift_labels, **kwargs)
         self.fused = True
-        return fused_linear_cross_entropy(rows, weight, target, ignore_index, num_items_in_batch, self.chunk_ce)
+        return fused_linear_cross_entropy(rows, weight, target, ignore_index, num_items_in_batch)

@@ -1,16 +1,15 @@
-"""Cross-entropy over class logits with integer targets, on FlagGems' ``cross_entropy_loss`` (which has its own
-backward kernel), in two forms:
+"""Cross-entropy over class logits with integer targets on FlagGems' ``cross_entropy_loss`` (which has its own
+backward kernel): ``F.cross_entropy(logits, target, ignore_index=..., reduction="mean" | "sum")`` on fp32 logits
+``[N, C]``, what transformers' ``fixed_cross_entropy`` computes (its causal-LM loss upcasts the logits first).
 
-- ``loss``: ``F.cross_entropy(logits, target, ignore_index=..., reduction="mean" | "sum")`` on fp32 logits
-  ``[N, C]``, what transformers' ``fixed_cross_entropy`` computes (its causal-LM loss upcasts the logits first);
-- ``chunk``: one chunk of the fused linear + cross-entropy (:mod:`fl_patch.kernels.fused_linear_cross_entropy`):
-  the per-row losses and, when asked, the gradient of ``sum(row_scale * row_loss)`` with respect to the logits.
+The fused linear + cross-entropy does not use this kernel for its chunks
+(:mod:`fl_patch.kernels.fused_linear_cross_entropy` says why).
 
-FlagGems 5.0.2 reads the logit at the target index of *every* row, ignored ones included, with only the row
-bound as mask: a target of -100 reads 100 elements before the row (before the tensor for row 0), any target out of
+FlagGems 5.0.2 reads the logit at the target index of *every* row, ignored ones included, with only the row bound
+as mask: a target of -100 reads 100 elements before the row (before the tensor for row 0), any target out of
 ``[0, C)`` reads out of bounds, and what it read is multiplied by 0, which is NaN if the bytes were NaN or Inf.
-So both forms hand it in-range targets only: ignored rows get class 0 and are masked out here (their loss and
-gradient are zero, as in torch), and targets out of range raise a device-side assertion, as torch's own does.
+So it gets in-range targets only: ignored rows get class 0 and are masked out here (their loss and gradient are
+zero, as in torch), and targets out of range raise a device-side assertion, as torch's own does.
 Per-row losses are fp32 (the kernel's output dtype is its input's: the logits are fp32 here).
 """
 
@@ -22,7 +21,6 @@ import torch.nn.functional as F
 from fl_patch.kernels import gems as _gems
 
 FAMILY = "cross_entropy"  # routing keys of this module: "cross_entropy.<form>" (fl_patch.routing)
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _masked(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,44 +64,6 @@ def unsupported_loss(provider: str, logits: torch.Tensor, target: torch.Tensor) 
     if reason is not None:
         return reason
     if logits.dtype != torch.float32:
-        return "dtype " + str(logits.dtype).removeprefix("torch.")
-    return _shape_reason(logits, target)
-
-
-def reference_chunk(logits: torch.Tensor, target: torch.Tensor, row_scale: torch.Tensor,
-                    need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(fp32 per-row losses of ``logits.float()``, the gradient of ``sum(row_scale * losses)`` in logits' dtype, or
-    None without `need_grad`). `target` in range (ignored rows already class 0, with row_scale 0)."""
-    x = logits.float()
-    lse = torch.logsumexp(x, dim=-1)
-    rows = lse - x.gather(1, target[:, None]).squeeze(1)
-    if not need_grad:
-        return rows, None
-    grad = torch.softmax(x, dim=-1)
-    grad.scatter_add_(1, target[:, None], torch.full_like(rows[:, None], -1.0))
-    return rows, torch.mul(grad, row_scale[:, None], out=torch.empty_like(logits))  # one pass: scale, round
-
-
-def gems_chunk(logits: torch.Tensor, target: torch.Tensor, row_scale: torch.Tensor,
-               need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``reference_chunk`` on FlagGems' ``cross_entropy_loss`` forward and backward kernels."""
-    _check_range(target, logits.shape[1])
-    x = logits.float().detach().requires_grad_(need_grad)
-    with torch.enable_grad():
-        rows = _gems.load().cross_entropy_loss(x, target, None, "none", -100, 0.0)
-    if not need_grad:
-        return rows.detach(), None
-    (grad,) = torch.autograd.grad(rows, x, row_scale)
-    return rows.detach(), grad.to(logits.dtype)
-
-
-def unsupported_chunk(provider: str, logits: torch.Tensor, target: torch.Tensor) -> str | None:
-    """None when `provider` can take the ``chunk`` form, else a short reason: logits ``[N, C]`` of a float dtype,
-    int64 targets ``[N]``; gems also: device, no empty input."""
-    reason = _tensor_reason(provider, logits)
-    if reason is not None:
-        return reason
-    if logits.dtype not in _FLOAT_DTYPES:
         return "dtype " + str(logits.dtype).removeprefix("torch.")
     return _shape_reason(logits, target)
 

@@ -2,8 +2,8 @@
 ``[tokens, vocab]`` logits are never materialised whole (a chunk's are, about the size of ``hidden``).
 
 The forward also computes the gradients (the approach of Liger-Kernel's fused linear cross-entropy): per chunk,
-the logits in the weight's dtype, the per-row losses and their gradient in fp32 (the chunk cross-entropy,
-:mod:`fl_patch.kernels.cross_entropy`), that gradient cast back to the logits' dtype, then ``grad_hidden = g @
+the logits in the weight's dtype, the per-row losses and their gradient in fp32 (:func:`chunk_cross_entropy`),
+that gradient cast back to the logits' dtype, then ``grad_hidden = g @
 weight`` and ``grad_weight += g.T @ hidden``. That is HF's arithmetic (logits from ``lm_head`` in the weight's
 dtype, ``.float()``, cross-entropy in fp32, the gradient cast back by ``.float()``'s backward) chunk by chunk; the
 one difference is ``grad_weight``, the sum of one GEMM per chunk (each accumulating in fp32 and rounding once into
@@ -14,12 +14,20 @@ gradients by the incoming one: three GEMMs per token in all, as without fusion.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-
 import torch
 
-# chunk_ce(logits, target, row_scale, need_grad) -> (fp32 per-row losses, grad of sum(row_scale * losses) or None)
-ChunkCrossEntropy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], tuple]
+def chunk_cross_entropy(logits: torch.Tensor, target: torch.Tensor, row_scale: torch.Tensor,
+                        need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(fp32 per-row losses of ``logits.float()``, the gradient of ``sum(row_scale * losses)`` in logits' dtype, or
+    None without `need_grad`). `target` in range (ignored rows already class 0, with row_scale 0)."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)
+    rows = lse - x.gather(1, target[:, None]).squeeze(1)
+    if not need_grad:
+        return rows, None
+    grad = torch.softmax(x, dim=-1)
+    grad.scatter_add_(1, target[:, None], torch.full_like(rows[:, None], -1.0))
+    return rows, torch.mul(grad, row_scale[:, None], out=torch.empty_like(logits))  # one pass: scale, round
 
 
 def chunk_rows(tokens: int, hidden_size: int, vocab_size: int) -> int:
@@ -30,8 +38,8 @@ def chunk_rows(tokens: int, hidden_size: int, vocab_size: int) -> int:
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                               ignore_index: int, num_items_in_batch, chunk_ce: ChunkCrossEntropy,
-                               chunk: int | None = None) -> torch.Tensor:
+                               ignore_index: int = -100, num_items_in_batch=None, chunk: int | None = None
+                               ) -> torch.Tensor:
     """transformers' ``fixed_cross_entropy(hidden @ weight.T, target, num_items_in_batch, ignore_index)`` (mean
     over the rows whose target is not `ignore_index`, or their sum over `num_items_in_batch`), chunked.
 
@@ -49,12 +57,12 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     device = hidden.device.type
     compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _FusedLinearCrossEntropy.apply(hidden, weight, safe, valid, denominator, chunk, chunk_ce, compute)
-    total, _, _ = _chunks(hidden, weight, safe, valid, denominator, chunk, chunk_ce, compute, False, False)
+        return _FusedLinearCrossEntropy.apply(hidden, weight, safe, valid, denominator, chunk, compute)
+    total, _, _ = _chunks(hidden, weight, safe, valid, denominator, chunk, compute, False, False)
     return total / denominator
 
 
-def _chunks(hidden, weight, target, valid, denominator, chunk, chunk_ce, compute, need_hidden, need_weight):
+def _chunks(hidden, weight, target, valid, denominator, chunk, compute, need_hidden, need_weight):
     """(sum of the counted rows' losses, grad of the loss for hidden or None, for weight or None); the GEMMs in
     dtype `compute`, autocast off."""
     row_scale = torch.where(valid, 1.0 / denominator.float(), 0.0)
@@ -67,7 +75,8 @@ def _chunks(hidden, weight, target, valid, denominator, chunk, chunk_ce, compute
             end = min(start + chunk, hidden.shape[0])
             rows_in = hidden[start:end].to(compute)
             logits = torch.mm(rows_in, w.t())
-            rows, grad = chunk_ce(logits, target[start:end], row_scale[start:end], need_hidden or need_weight)
+            rows, grad = chunk_cross_entropy(logits, target[start:end], row_scale[start:end],
+                                             need_hidden or need_weight)
             total += torch.where(valid[start:end], rows, 0.0).sum()
             del logits
             if grad_hidden is not None:
@@ -81,10 +90,10 @@ def _chunks(hidden, weight, target, valid, denominator, chunk, chunk_ce, compute
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, valid, denominator, chunk, chunk_ce, compute):
+    def forward(ctx, hidden, weight, target, valid, denominator, chunk, compute):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        total, grad_hidden, grad_weight = _chunks(hidden, weight, target, valid, denominator, chunk, chunk_ce,
-                                                  compute, need_hidden, need_weight)
+        total, grad_hidden, grad_weight = _chunks(hidden, weight, target, valid, denominator, chunk, compute,
+                                                  need_hidden, need_weight)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.used = False
         return total / denominator
@@ -101,4 +110,4 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden.mul_(grad_output)
         if grad_weight is not None:
             grad_weight.mul_(grad_output)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
