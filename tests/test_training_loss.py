@@ -9,6 +9,7 @@ import inspect
 
 import pytest
 import torch
+from test_routing import cache, profile_data, stand_in_device, write  # noqa: F401  (stand_in_device: a fixture)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fl_patch
@@ -326,3 +327,54 @@ def test_forwards_that_change_the_logits_stay_original_with_the_reason():
         return dict(loss=loss, logits=logits)
 
     assert "logits read other than" in deferred_logits_reason(upcasts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The SwiGLU MLP routed native in training: silu(gate) recomputed in the backward, not kept
+
+
+class SavedBytes:
+    """Bytes autograd keeps for the backward while active."""
+
+    def __init__(self):
+        self.total = 0
+
+    def __enter__(self):
+        def pack(tensor):
+            self.total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+
+@pytest.mark.usefixtures("stand_in_device")
+def test_native_swiglu_in_training_keeps_two_tensors_with_autograds_gradients(tmp_path):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    write(cache(tmp_path) / "a.json", profile_data(families={"swiglu": {"route": "native", "why": "slower"}}))
+    torch.manual_seed(0)
+    mlp = LlamaMLP(LlamaConfig(hidden_size=64, intermediate_size=128)).to(torch.bfloat16)
+    x = torch.randn(2, 8, 64).to(torch.bfloat16).requires_grad_()
+    grad_out = torch.randn(2, 8, 64).to(torch.bfloat16)
+
+    def run():
+        mlp.zero_grad(set_to_none=True)
+        x.grad = None
+        with SavedBytes() as saved:
+            out = mlp(x)
+        out.backward(grad_out)
+        return out, x.grad.clone(), [p.grad.clone() for p in mlp.parameters()], saved.total
+
+    out, grad_x, grads, saved = run()
+    fl_patch.apply(kernels="gems")  # nothing included: the profile routes (an included family is lifted over it)
+    patched, patched_x, patched_grads, patched_saved = run()
+    assert record("transformers.swiglu", "LlamaMLP.forward")["fallbacks"] == {"native by profile": 1}
+    assert torch.equal(patched, out) and torch.equal(patched_x, grad_x)
+    assert all(torch.equal(a, b) for a, b in zip(patched_grads, grads, strict=True))
+    assert saved - patched_saved == 2 * 8 * 128 * 2  # silu(gate), [2, 8, 128] bf16, is no longer kept

@@ -757,7 +757,8 @@ def _parameters(function: Callable) -> tuple:
     return tuple((p.name, p.default) for p in inspect.signature(function).parameters.values())
 
 
-def _swiglu_forward(kernel, unsupported, provider: str, original, rec, silu_types: tuple[type, ...]):
+def _swiglu_forward(kernel, unsupported, native, provider: str, original, rec, silu_types: tuple[type, ...]):
+    """`native`: the torch path of calls routed away from the kernel for speed (``gems.NATIVE_ROUTES``)."""
     def forward(self, x):
         act_fn = self.act_fn
         if type(act_fn) not in silu_types:
@@ -770,6 +771,9 @@ def _swiglu_forward(kernel, unsupported, provider: str, original, rec, silu_type
                 return self.down_proj(kernel(gate, up))
             except Exception as exc:
                 reason = kernel_failed(rec, exc)
+        elif reason in NATIVE_ROUTES and gate.shape == up.shape:
+            rec.fallback(reason)
+            return self.down_proj(native(gate, up))
         rec.fallback(reason)
         return self.down_proj(act_fn(gate) * up)
 
@@ -788,7 +792,7 @@ def patch_swiglu(module, ctx) -> None:
 
     def make_forward(original, rec, form: Form) -> Callable:
         kernel, unsupported = kernel_pair(kernels, "", ctx.provider, rec)
-        return _swiglu_forward(kernel, unsupported, ctx.provider, original, rec, silu_types)
+        return _swiglu_forward(kernel, unsupported, kernels.native, ctx.provider, original, rec, silu_types)
 
     def is_candidate(cls: type, forward: types.FunctionType) -> bool:
         return SWIGLU_NAMES <= set(forward.__code__.co_names)

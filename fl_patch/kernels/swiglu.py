@@ -19,6 +19,30 @@ def reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def native(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``reference`` for calls routed away from FlagGems (``gems.NATIVE_ROUTES``): torch's own ops, so the same
+    numbers, but in training ``silu(gate)`` is recomputed in the backward instead of kept for it (as FlagGems' and
+    Liger's kernels do): one activation of the MLP's width less per layer, gradients bitwise those of autograd."""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SiluMulRecomputed.apply(gate, up)
+    return F.silu(gate) * up
+
+
+class _SiluMulRecomputed(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        # what autograd runs for F.silu(gate) * up (mul's backward, then silu's), with silu(gate) computed again
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        return grad_gate, grad_up
+
+
 def gems(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``reference`` on ``flag_gems.silu_and_mul(gate, up)``."""
     return _gems.ops().silu_and_mul(gate, up)
