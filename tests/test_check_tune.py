@@ -243,8 +243,10 @@ def test_a_wrong_gradient_fails_the_check(monkeypatch):
 
     monkeypatch.setattr(swiglu, "reference", WrongBackward.apply)
     form = kernel_cases.BY_KEY["swiglu.swiglu"]
-    [case] = conformance.run_case(form, form.variants[0], "reference", 1 << 10, torch.float32, torch.device("cpu"))
+    case, native = conformance.run_case(form, form.variants[0], "reference", 1 << 10, torch.float32,
+                                        torch.device("cpu"))
     assert case["grad"] == "checked" and case["verdict"].startswith("fail: gradient of argument 0 error")
+    assert native["grad"] == "checked" and native["verdict"] == "pass"  # swiglu.native, the routed-native path
 
 
 def test_revert_identity_catches_an_attribute_left_patched(monkeypatch):
