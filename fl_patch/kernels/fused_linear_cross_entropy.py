@@ -1,5 +1,5 @@
 """Fused linear + cross-entropy: ``cross_entropy(hidden @ weight.T, target)`` over chunks of tokens, so that the
-``[tokens, vocab]`` logits are never materialised whole (a chunk's are, about the size of ``hidden``).
+``[tokens, vocab]`` logits are never materialised whole (a chunk's are, about twice the size of ``hidden``).
 
 The forward also computes the gradients (the approach of Liger-Kernel's fused linear cross-entropy): per chunk,
 the logits in the weight's dtype, the per-row losses and their gradient in fp32 (:func:`chunk_cross_entropy`),
