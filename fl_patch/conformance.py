@@ -178,6 +178,8 @@ class Check:
         return 1 if counts["fail"] else 0
 
     def _dtypes(self, form: Form) -> tuple[torch.dtype, ...]:
+        if form.dtypes is not None:
+            return form.dtypes
         if self.device.type == "cpu" or form.device_dtypes is None:
             return self.dtypes
         return tuple(dtype for dtype in self.dtypes if dtype in form.device_dtypes)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from fl_patch import devices
-from fl_patch.kernels import attention, layer_norm, linear, rms_norm, rope, swiglu
+from fl_patch.kernels import attention, cross_entropy, layer_norm, linear, rms_norm, rope, swiglu
 
 EPS = 1e-6
 LAYER_NORM_EPS = 1e-5
@@ -40,6 +40,8 @@ Q_HEADS, KV_HEADS = 32, 8  # GQA, as Llama 3 8B
 DIT_HEADS = 12  # LightX2V's Wan 1.3B: 12 heads of 128
 INTERMEDIATE = 8192  # the MLP's gate/up width
 DECODE_CACHE = 1024  # cached keys of a decode step
+VOCAB = 32000  # the causal-LM loss's classes (Llama 2's vocabulary)
+IGNORED_EVERY = 7  # every 7th row's label is ignore_index (-100), as padding in a batch
 CPU_HINT = "--quick (or, for check, --kernels reference) runs fl_patch's reference kernels on the CPU"
 
 
@@ -111,7 +113,9 @@ class Form:
     by grid name (``check`` and ``tune`` on a device, ``cpu`` for both on the CPU), where every new size is
     expensive (FlagGems' GEMM autotunes per token count: 2.6 s each on an H200; a CPU multiplies 4096-wide
     weights slowly). device_dtypes: the only dtypes check runs on a device, where each dtype costs a long
-    first tuning (FlagGems' GEMM: 35 s per dtype on an H200, tests/gpu/results/kernels.json)."""
+    first tuning (FlagGems' GEMM: 35 s per dtype on an H200, tests/gpu/results/kernels.json). dtypes: the only
+    dtypes the form's path takes, in place of either command's own (check's, tune's bfloat16): the loss
+    computes in fp32."""
 
     key: str
     module: object
@@ -121,6 +125,7 @@ class Form:
     native: Callable[[], Named]
     sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     device_dtypes: tuple[torch.dtype, ...] | None = None
+    dtypes: tuple[torch.dtype, ...] | None = None
 
     @property
     def family(self) -> str:
@@ -411,6 +416,22 @@ def _layer_norm(width: int, affine: bool):
     return build
 
 
+def _cross_entropy(elements, dtype, device):
+    """transformers' causal-LM loss input: fp32 logits ``[tokens, 32000]`` (fewer classes at tiny sizes), int64
+    labels with every 7th row ignored (-100)."""
+    rows, classes = _split(elements, VOCAB)
+    logits = _randn((rows, classes), dtype, device, 3.0)
+    target = torch.randint(0, classes, (rows,), device=device)
+    target[::IGNORED_EVERY] = -100
+    return Inputs((logits, target, -100, None), (logits, target), f"logits {_dims(rows, classes)}", (0,))
+
+
+def mean_cross_entropy(logits, target, ignore_index=-100, num_items_in_batch=None):
+    """What transformers' ``fixed_cross_entropy`` computes without ``num_items_in_batch``: the mean over the
+    counted rows."""
+    return F.cross_entropy(logits, target, ignore_index=ignore_index)
+
+
 def _named(name: str, function: Callable) -> Callable[[], Named]:
     return lambda: Named(name, function)
 
@@ -473,6 +494,10 @@ FORMS = (
          (Variant("one sequence", _varlen(1), 1 << 24), Variant("two sequences", _varlen(2), 1 << 22, tune=False)),
          _named("F.scaled_dot_product_attention per sequence (LightX2V without flash-attn)", sdpa_per_sequence),
          _named("F.scaled_dot_product_attention per sequence (LightX2V without flash-attn)", sdpa_per_sequence)),
+    Form("cross_entropy.loss", cross_entropy, "_loss", (Variant("tokens x 32000, every 7th ignored", _cross_entropy),),
+         _named("F.cross_entropy (transformers' fixed_cross_entropy)", mean_cross_entropy),
+         _named("F.cross_entropy (transformers' fixed_cross_entropy)", mean_cross_entropy),
+         dtypes=(torch.float32,)),
 )
 BY_KEY = {form.key: form for form in FORMS}
 

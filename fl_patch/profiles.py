@@ -50,6 +50,7 @@ FAMILY_FORMS = {
     "linear": ("linear", "in_out"),
     "swiglu": ("swiglu",),
     "layer_norm": ("layer_norm",),
+    "cross_entropy": ("loss",),
 }
 SHIPPED_DIR = Path(__file__).resolve().parent / "profiles"
 

@@ -149,8 +149,8 @@ def _default_path(quick: bool, device: dict, flag_gems_version: str | None) -> P
     return folder / profiles.file_name(device, flag_gems_version)
 
 
-def dtype_name() -> str:
-    return str(DTYPE).removeprefix("torch.")
+def dtype_name(dtype: torch.dtype = DTYPE) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def redecide(source: Path, out: Path) -> int:
@@ -468,9 +468,10 @@ class Tuner:
         for variant in (v for v in form.variants if v.tune):
             for elements in kernel_cases.grid(variant, self.sizes(form)):
                 torch.manual_seed(elements)
-                inputs = variant.build(elements, DTYPE, self.device)
+                dtype = form.dtypes[0] if form.dtypes else DTYPE
+                inputs = variant.build(elements, dtype, self.device)
                 point = {"form": form.form, "variant": variant.name, "shape": inputs.shape,
-                         "elements": inputs.deciding.numel(), "dtype": dtype_name(), "gems_path": gems_path.name,
+                         "elements": inputs.deciding.numel(), "dtype": dtype_name(dtype), "gems_path": gems_path.name,
                          "native_path": native_path.name}
                 reason = form.unsupported(self.provider, inputs)
                 if reason is not None:

@@ -144,8 +144,10 @@ def test_check_quick_passes_and_writes_every_case(tmp_path):
     assert keys == {tuple(key.split(".")) for key in ("attention.sdpa", "attention.varlen", "rms_norm.hf",
                                                        "rms_norm.gemma", "rms_norm.fp32", "rms_norm.gated",
                                                        "rms_norm.torch", "rope.hf", "rope.interleaved", "linear.linear",
-                                                       "linear.in_out", "swiglu.swiglu", "layer_norm.layer_norm")}
+                                                       "linear.in_out", "swiglu.swiglu", "layer_norm.layer_norm",
+                                                       "cross_entropy.loss")}
     assert {c["dtype"] for c in kernel_cases} == {"float32", "bfloat16"}
+    assert {c["dtype"] for c in kernel_cases if c["family"] == "cross_entropy"} == {"float32"}  # the loss's only one
     assert any(c.get("grad") == "checked" and "grad_error" in c for c in kernel_cases)
     reverted = [c for c in report["cases"] if c["family"] == "revert"]
     assert any(c["target"] == "torch.nn.functional.rms_norm" and c["verdict"] == "pass" for c in reverted)
