@@ -480,6 +480,10 @@ FORMS = (
          (Variant("affine rows x 4096", _layer_norm(HIDDEN, True)),
           Variant("DiT rows x 1536, no affine", _layer_norm(DIT_HEADS * HEAD_DIM, False))),
          _torch_function("layer_norm"), _torch_function("layer_norm")),
+    Form("cross_entropy.loss", cross_entropy, "_loss", (Variant("tokens x 32000, every 7th ignored", _cross_entropy),),
+         _named("F.cross_entropy (transformers' fixed_cross_entropy)", mean_cross_entropy),
+         _named("F.cross_entropy (transformers' fixed_cross_entropy)", mean_cross_entropy),
+         dtypes=(torch.float32,)),
     Form("linear.linear", linear, "", (Variant("3-d x, no bias", _linear(in_out=False)),),
          _torch_function("linear"), _torch_function("linear"), LINEAR_SIZES, (torch.bfloat16,)),
     Form("linear.in_out", linear, "_in_out", (Variant("2-d x, bias", _linear(in_out=True)),),
@@ -494,10 +498,6 @@ FORMS = (
          (Variant("one sequence", _varlen(1), 1 << 24), Variant("two sequences", _varlen(2), 1 << 22, tune=False)),
          _named("F.scaled_dot_product_attention per sequence (LightX2V without flash-attn)", sdpa_per_sequence),
          _named("F.scaled_dot_product_attention per sequence (LightX2V without flash-attn)", sdpa_per_sequence)),
-    Form("cross_entropy.loss", cross_entropy, "_loss", (Variant("tokens x 32000, every 7th ignored", _cross_entropy),),
-         _named("F.cross_entropy (transformers' fixed_cross_entropy)", mean_cross_entropy),
-         _named("F.cross_entropy (transformers' fixed_cross_entropy)", mean_cross_entropy),
-         dtypes=(torch.float32,)),
 )
 BY_KEY = {form.key: form for form in FORMS}
 

@@ -616,3 +616,41 @@ def test_zero_code_bootstrap_generates_the_same_tokens():
                   "modeling_qwen3.Qwen3MLP.forward", "AttentionInterface['sdpa']"):
         line = next(line for line in report.splitlines() if line.rstrip().endswith(place))
         assert " patched " in line and "torch reference" in line
+
+
+def test_a_rope_function_turned_into_a_hub_kernel_layer_is_patched_and_restored(monkeypatch):
+    """transformers >= 5.25 decorates apply_rotary_pos_emb with kernels' use_kernel_forward_from_hub, which makes
+    the module global an nn.Module instance whose class's forward calls the function. Stand-in: the same wrapping
+    of Llama's function. The rope place is patched by the function's code, its kernel runs, logits match, and
+    revert puts the very instance back."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    function = modeling_llama.apply_rotary_pos_emb
+    if not isinstance(function, type(test_report_names_each_place_with_its_form_or_reason)):
+        function = integration._function_inside(function, "apply_rotary_pos_emb")  # already a layer (>= 5.25)
+
+    def layer_of(func):  # as kernels' _create_func_module
+        class Func(torch.nn.Module):
+            def forward(self, *args, **kwargs):
+                return func(*args, **kwargs)
+
+        return Func()
+
+    layer = layer_of(function)
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", layer)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        expected = model(ids).logits
+        fl_patch.apply(kernels="reference")
+        [record] = [r for r in fl_patch.report() if r["where"] == f"{modeling_llama.__name__}.apply_rotary_pos_emb"]
+        assert (record["state"], record["variant"]) == ("patched", "hf")
+        assert modeling_llama.apply_rotary_pos_emb is not layer
+        actual = model(ids).logits
+        fl_patch.revert()
+    assert modeling_llama.apply_rotary_pos_emb is layer
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)

@@ -741,9 +741,11 @@ def patch_rope(module, ctx) -> None:
     original = vars(module).get("apply_rotary_pos_emb")
     if original is None:
         return
-    form = classify("rope", original) if isinstance(original, types.FunctionType) else Form(None, "not a function")
-    if form.variant is not None and _parameters(original) != ROPE_PARAMETERS:
-        form = Form(None, f"signature {inspect.signature(original)} is not (q, k, cos, sin, unsqueeze_dim=1)")
+    function = original if isinstance(original, types.FunctionType) else _function_inside(original,
+                                                                                         "apply_rotary_pos_emb")
+    form = classify("rope", function) if function is not None else Form(None, "not a function")
+    if form.variant is not None and _parameters(function) != ROPE_PARAMETERS:
+        form = Form(None, f"signature {inspect.signature(function)} is not (q, k, cos, sin, unsqueeze_dim=1)")
     rec = ctx.record(f"{module.__name__}.apply_rotary_pos_emb", variant=form.variant)
     if form.variant is None:
         ctx.skip(rec, form.reason)
@@ -751,6 +753,25 @@ def patch_rope(module, ctx) -> None:
     kernel, unsupported = kernel_pair(kernels, "hf", ctx.provider, rec)
     replacement = _rope_function(kernel, unsupported, ctx.provider, original, rec, form.variant == "hf_cast")
     ctx.setattr(rec, module, "apply_rotary_pos_emb", replacement)
+
+
+def _function_inside(layer: object, name: str) -> types.FunctionType | None:
+    """The plain function `name` that a callable layer object runs, or None.
+
+    transformers >= 5.25 decorates ``apply_rotary_pos_emb`` with the ``kernels`` package's
+    ``use_kernel_forward_from_hub``, which turns the function into an ``nn.Module`` instance whose class's
+    ``forward`` calls it (a closure over the function; it runs a Hub kernel instead only after ``kernelize``). The
+    module global fl_patch rebinds is then that instance: its code is the closed-over function's, and the
+    instance stays the original that fallbacks call and revert restores."""
+    forward = getattr(type(layer), "forward", None)
+    for cell in getattr(forward, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, types.FunctionType) and value.__name__ == name:
+            return value
+    return None
 
 
 def _parameters(function: Callable) -> tuple:
