@@ -34,10 +34,13 @@ def _device() -> str:
     return describe_device(first_device())
 
 
-def first_device():
+def first_device(initialized_only: bool = False):
     """A ``torch.device`` of the first accelerator type torch reports available (``cuda`` first, then the other
     vendors' types of fl_patch.devices.VENDORS, whose installed torch extension is imported first: ``torch_npu``
-    adds ``torch.npu``), or None for a CPU-only machine."""
+    adds ``torch.npu``), or None for a CPU-only machine.
+
+    `initialized_only`: the first type torch has already initialised, its current device, importing no vendor
+    extension and touching no device (what a compile-start callback may do)."""
     import contextlib
     import importlib
 
@@ -45,15 +48,17 @@ def first_device():
 
     from fl_patch import devices
 
-    for vendor in devices.VENDORS:
-        for module in vendor.modules:
-            if module not in sys.modules and importlib.util.find_spec(module) is not None:
-                with contextlib.suppress(Exception):  # a broken vendor extension: that device type is absent
-                    importlib.import_module(module)
+    if not initialized_only:
+        for vendor in devices.VENDORS:
+            for module in vendor.modules:
+                if module not in sys.modules and importlib.util.find_spec(module) is not None:
+                    with contextlib.suppress(Exception):  # a broken vendor extension: that device type is absent
+                        importlib.import_module(module)
+    ready = "is_initialized" if initialized_only else "is_available"
     for kind in dict.fromkeys(vendor.device_type for vendor in devices.VENDORS):
         module = getattr(torch, kind, None)
         try:
-            if module is not None and module.is_available():
+            if module is not None and getattr(module, ready)():
                 return torch.device(kind, module.current_device())
         except Exception:  # a vendor module that can't answer: not this one
             continue

@@ -228,15 +228,19 @@ def _register_compile_callback(dynamo) -> None:
 
 def _resolve_for_compile(*_args) -> None:
     """Compile-start callback: the profile lookup and every entry, for the accelerator in use, if there is one
-    and the lookup was not made yet. Never raises (a compile must not fail for routing)."""
-    if _routing.kernels != "gems":
+    and some entry is still missing (dynamo calls it at each frame it compiles). Never raises (a compile must not
+    fail for routing)."""
+    keys = _all_keys()
+    if _routing.kernels != "gems" or all(key in table for table in _routing.tables.values() for key in keys):
         return
+    from fl_patch import environment
+
     try:
-        device = _device_in_use()
+        device = environment.first_device(initialized_only=True)
         if device is None:
             return
         profile = resolve(device).profile
-        entries = {lifted: {key: _entry(profile, key, lifted) for key in _all_keys()} for lifted in (False, True)}
+        entries = {lifted: {key: _entry(profile, key, lifted) for key in keys} for lifted in (False, True)}
         with _routing.lock:
             for lifted, table in entries.items():
                 for key, decided in table.items():
@@ -248,22 +252,6 @@ def _resolve_for_compile(*_args) -> None:
 def _all_keys() -> list[str]:
     return [f"{family}.{form}" for family, forms in profiles.FAMILY_FORMS.items() for form in forms]
 
-
-def _device_in_use():
-    """The current device of the first accelerator type torch has already initialised (touching none), or None."""
-    import torch
-
-    from fl_patch import devices
-
-    for kind in dict.fromkeys(vendor.device_type for vendor in devices.VENDORS):
-        module = getattr(torch, kind, None)
-        initialized = getattr(module, "is_initialized", None)
-        try:
-            if initialized is not None and initialized():
-                return torch.device(kind, module.current_device())
-        except Exception:  # a vendor module that can't answer: not this one
-            continue
-    return None
 
 
 def resolve(device) -> profiles.Lookup:

@@ -283,13 +283,17 @@ class Side:
             return None
         return statistics.median(self.device_bound_us)
 
+    @property
+    def device_bound_spread(self) -> float:
+        return _spread(self.device_bound_us)
+
     def as_dict(self) -> dict:
         out = {"us": round(self.us, 2), "device_us": round(statistics.median(self.device_us), 2),
                "host_us": round(statistics.median(self.host_us), 2), "spread": round(self.spread, 4),
                "first_call_ms": round(self.first_call_ms, 2)}
         if self.device_bound is not None:
             out.update(device_bound_us=round(self.device_bound, 2),
-                       device_bound_spread=round(_spread(self.device_bound_us), 4))
+                       device_bound_spread=round(self.device_bound_spread, 4))
         return out
 
 
@@ -498,7 +502,7 @@ class Tuner:
         point = {"gems": gems.as_dict(), "native": native.as_dict(), "gems_us": gems.us, "native_us": native.us,
                  "noise": round(noise, 4)}
         if gems.device_bound is not None and native.device_bound is not None:
-            bound_noise = max(NOISE_FLOOR, _spread(gems.device_bound_us), _spread(native.device_bound_us))
+            bound_noise = max(NOISE_FLOOR, gems.device_bound_spread, native.device_bound_spread)
             point.update(gems_device_bound_us=gems.device_bound, native_device_bound_us=native.device_bound,
                          device_bound_noise=round(bound_noise, 4))
         return point

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import fl_patch
-from fl_patch import devices, profiles, routing
+from fl_patch import devices, environment, profiles, routing
 from fl_patch.kernels import gems
 
 DEVICE = devices.DeviceInfo(vendor="ascend", type="npu", name="Ascend 910B", index=0, capability=None)
@@ -453,7 +453,7 @@ def test_under_compile_routing_is_by_size_with_the_device_bound_threshold_in_one
     callback); tracing then routes by size alone, with the device-bound threshold, in one graph."""
     write(cache(stand_in_device) / "a.json",
           bound_profile({"route": "native"}, {"route": "gems", "min_elements": 4096}))
-    monkeypatch.setattr(routing, "_device_in_use", lambda: torch.device("cpu"))
+    monkeypatch.setattr(environment, "first_device", lambda initialized_only=False: torch.device("cpu"))
     fl_patch.apply(kernels="gems")
     route = routing.router("rms_norm.hf", False)
 
@@ -468,7 +468,7 @@ def test_under_compile_routing_is_by_size_with_the_device_bound_threshold_in_one
 
 
 def test_under_compile_with_no_profile_looked_up_the_originals_stay(stand_in_device, monkeypatch):
-    monkeypatch.setattr(routing, "_device_in_use", lambda: None)  # no accelerator in use yet
+    monkeypatch.setattr(environment, "first_device", lambda initialized_only=False: None)  # none in use yet
     fl_patch.apply(kernels="gems")
     route = routing.router("rms_norm.hf", False)
     reasons = []
