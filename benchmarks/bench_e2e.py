@@ -11,7 +11,8 @@ logit difference from HF default:
     a profile gets), fl_patch_all (every family on FlagGems), fl_patch_all-<family> (each family left out in turn),
     fl_patch+global (FlagGems aten override too), compile_hf, compile_fl_patch (torch.compile, default mode;
     fl_patch's FlagGems calls are custom ops there), compile_hf_cudagraphs, compile_fl_patch_cudagraphs
-    (mode="reduce-overhead"), liger (last: it can't revert)
+    (mode="reduce-overhead"), compile_fl_patch_no_packing (default mode plus the opt-in row
+    transformers.attention.compiled_no_packing: prefill without a cache gets is_causal), liger (last: it can't revert)
 
 Each compiled variant also records dynamo's graph breaks, graphs and frames compiled, the frames compiled while
 being timed (recompiles: should be 0) and inductor's CUDA-graph skips, so a run shows whether decode fell back
@@ -153,7 +154,9 @@ COMPILED = {  # variant -> (context factory name, torch.compile mode)
     "compile_fl_patch": ("fl_patch", "default"),
     "compile_hf_cudagraphs": ("hf", "reduce-overhead"),
     "compile_fl_patch_cudagraphs": ("fl_patch", "reduce-overhead"),
+    "compile_fl_patch_no_packing": ("fl_patch_no_packing", "default"),
 }
+NO_PACKING_ROW = "transformers.attention.compiled_no_packing"
 
 
 def dynamo_counts() -> dict:
@@ -336,7 +339,8 @@ def run_model(name, args, device, dtype, kernels, save):
             result["forward"][variant] = merge_rounds(rounds[variant])
             save(result)
     if "compile" in args.parts:  # with --quick only the compiled variants --variants names (minutes on CPU)
-        contexts = {"hf": contextlib.nullcontext, "fl_patch": lambda: fl_patch.patched(kernels=kernels)}
+        contexts = {"hf": contextlib.nullcontext, "fl_patch": lambda: fl_patch.patched(kernels=kernels),
+                    "fl_patch_no_packing": lambda: fl_patch.patched(kernels=kernels, include=[NO_PACKING_ROW])}
         for variant, (context, mode) in COMPILED.items():
             if wanted(args, variant) and (not args.quick or variant in args.variants):
                 measure_shapes(model, variant, contexts[context], timer, shapes, vocab, device, reference,

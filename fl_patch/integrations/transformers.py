@@ -72,6 +72,17 @@ TARGETS = [
         description="under torch.compile, unpadded causal sdpa gets is_causal (flash) as in eager, not a mask",
     ),
     Target(
+        name="transformers.attention.compiled_no_packing",
+        family="attention",
+        module="transformers.masking_utils",
+        attribute="masking_utils.find_packed_sequence_indices",
+        factory=f"{_HERE}:patch_compiled_no_packing",
+        requires=_NEEDS,
+        kernel_free=True,
+        opt_in=True,
+        description="opt-in: under torch.compile, position ids never hold packed sequences (prefill skips the mask)",
+    ),
+    Target(
         name="transformers.rms_norm",
         family="rms_norm",
         module=MODELING,
@@ -630,18 +641,21 @@ def patch_compiled_causal_skip(masking_utils, ctx) -> None:
     ctx.setattr(rec, masking_utils, "_ignore_causal_mask_sdpa", _causal_skip_under_compile(original))
 
 
-def _causal_skip_under_compile(original):
+def _compiling_not_exporting() -> bool:
     import torch
 
-    def compiling_not_exporting() -> bool:
-        # torch.export sets _is_exporting_flag before dynamo traces; absent (unknown torch), assume export.
-        return torch.compiler.is_dynamo_compiling() and not getattr(torch.compiler, "_is_exporting_flag", True)
+    # torch.export sets _is_exporting_flag before dynamo traces; absent (unknown torch), assume export.
+    return torch.compiler.is_dynamo_compiling() and not getattr(torch.compiler, "_is_exporting_flag", True)
+
+
+def _causal_skip_under_compile(original):
+    import torch
 
     def ignore_causal_mask_sdpa(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size=None):
         if (
             padding_mask is None
             and not isinstance(q_offset, torch.Tensor)
-            and compiling_not_exporting()
+            and _compiling_not_exporting()
             and (local_attention_size is None or kv_length < local_attention_size)
             and (q_length == 1 or kv_length == q_length or q_offset == 0)
         ):
@@ -649,6 +663,42 @@ def _causal_skip_under_compile(original):
         return original(padding_mask, q_length, kv_length, q_offset, kv_offset, local_attention_size)
 
     return like(ignore_causal_mask_sdpa, original)
+
+
+# Without a cache and without an attention mask, transformers looks for packed sequences in the position ids
+# (positions that restart inside a row, as DataCollatorWithFlattening writes them). Eagerly it reads their values
+# and finds none; while tracing it can't, so ``find_packed_sequence_indices`` returns the traced tensor, and the
+# compiled model builds a (B, 1, S, S) mask with a packed-sequence term and never skips it, even when the model
+# made the positions itself (``arange``, packing impossible). That fact lives only in each model's forward
+# (``if position_ids is None: ...``), after which the mask code sees a tensor like any other: no rule inside
+# masking_utils can tell the two apart soundly. So this is an opt-in row: the user states that their position
+# ids are never packed. Eager calls and torch.export keep the original's answer. Together with the row above
+# (or torch >= 2.14) SDPA then gets ``is_causal``.
+
+
+def patch_compiled_no_packing(masking_utils, ctx) -> None:
+    """Wrap ``masking_utils.find_packed_sequence_indices`` (called by ``_preprocess_mask_arguments`` through the
+    module global): under torch.compile, not export, it answers None (no packed sequences)."""
+    rec = ctx.record("transformers.masking_utils.find_packed_sequence_indices")
+    original = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if original is None:
+        ctx.skip(rec, "transformers.masking_utils has no find_packed_sequence_indices")
+        return
+    parameters = tuple(inspect.signature(original).parameters)
+    if parameters != ("position_ids",):
+        ctx.skip(rec, f"find_packed_sequence_indices{parameters} is not the known signature ('position_ids',)")
+        return
+    rec.provider = "torch sdpa"
+    ctx.setattr(rec, masking_utils, "find_packed_sequence_indices", _no_packing_under_compile(original))
+
+
+def _no_packing_under_compile(original):
+    def find_packed_sequence_indices(position_ids):
+        if _compiling_not_exporting():
+            return None
+        return original(position_ids)
+
+    return like(find_packed_sequence_indices, original)
 
 
 # ---------------------------------------------------------------------------------------------------------
