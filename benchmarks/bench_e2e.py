@@ -168,6 +168,19 @@ def dynamo_counts() -> dict:
             "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
 
 
+def compiled_regions(fn) -> dict:
+    """One call of `fn` under the profiler (CPU events only): the compiled regions it entered (dynamo's
+    ``Torch-Compiled Region: frame/compile`` names, so a call that runs another cache entry than the one compiled
+    first shows) and how many aten ops it ran, in them or not. A compiled call that runs no region ran eager."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    names = [event.name for event in prof.events()]
+    regions = sorted({name.split(": ", 1)[-1] for name in names if name.startswith("Torch-Compiled Region")})
+    return {"regions": regions, "aten_ops": sum(name.startswith("aten::") for name in names)}
+
+
 def measure_shapes(model, name, context, timer, shapes, vocab, device, reference, compile_mode=None, out=None,
                    saved=None):
     """Times every shape under `context`; returns {shape_key: {ms, max_diff}}. With `compile_mode` (a
@@ -202,8 +215,10 @@ def measure_shapes(model, name, context, timer, shapes, vocab, device, reference
                     entry["first_call"] = {k: first[k] - before[k] for k in first}
                     entry["recompiles"] = after["frames_compiled"] - first["frames_compiled"]
                     entry["cudagraph_skips"] = after["cudagraph_skips"] - before["cudagraph_skips"]
+                    entry["timed_call"] = compiled_regions(fn)
                     print(f"  {name:<22} {key}={ms:.2f}ms (first call {first_s:.0f} s, {entry['first_call']}, "
-                          f"recompiles while timed {entry['recompiles']})", flush=True)
+                          f"recompiles while timed {entry['recompiles']}, a timed call ran {entry['timed_call']})",
+                          flush=True)
                 if key in reference:
                     entry["max_diff"] = max_diff(logits, reference[key])
                 else:
@@ -409,8 +424,11 @@ def markdown(results: dict) -> str:
             if isinstance(shapes, dict) and "dynamo" in shapes:
                 counts = shapes["dynamo"]
                 recompiles = ", ".join(f"{k} {v['recompiles']}" for k, v in shapes.items() if "recompiles" in v)
+                ran = "; ".join(f"{k} {', '.join(v['timed_call']['regions']) or 'none (eager)'}"
+                                for k, v in shapes.items() if "timed_call" in v)
                 lines.append(f"\n{variant}: {counts['graph_breaks']} graph breaks, {counts['graphs']} graphs, "
-                             f"{counts['cudagraph_skips']} CUDA-graph skips; recompiles while timed: {recompiles}")
+                             f"{counts['cudagraph_skips']} CUDA-graph skips; recompiles while timed: {recompiles}"
+                             + (f"; compiled regions a timed call ran: {ran}" if ran else ""))
         if result["train"]:
             lines.append("\n| training step 4x1024 | ms | x vs HF | peak GiB | loss |\n| --- | --- | --- | --- | --- |")
             base_ms = result["train"].get("hf_sdpa", {}).get("ms", float("nan"))

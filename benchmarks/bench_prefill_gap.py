@@ -7,7 +7,10 @@ its kernels at prefill 4x2048 (8192 tokens), bf16, on every candidate that compu
 ``triton.testing.do_bench`` medians in microseconds, with the bandwidth each reached (bytes the op must read and
 write / time; the H200's HBM3e peak is 4.8 TB/s) and the time over the fastest candidate. Forward only, as in
 prefill, and forward + backward where the candidate has a backward (training). Each candidate is checked against
-torch eager (largest difference, bf16) before it is timed.
+torch eager (largest difference, bf16) before it is timed. ``host µs`` is the host time per call of 50 calls
+enqueued back to back: where it is above ``µs`` the call is launch-bound at this shape, and do_bench's figure is
+partly host time. One check is not a timing: FlagGems' in-place rope on equal inputs, three times (a race
+between its reads and in-place writes shows as runs that differ).
 
     python benchmarks/bench_prefill_gap.py --out benchmarks/results       # GPU: needs flag_gems; liger optional
 
@@ -76,8 +79,10 @@ def cases(liger):
 
     compiled = {}
 
-    def inductor(fn):
-        return compiled.setdefault(fn, torch.compile(fn, dynamic=False))
+    def inductor(fn):  # compiled once: a torch.compile wrapper made per call costs ~1.5 ms of host time
+        if fn not in compiled:
+            compiled[fn] = torch.compile(fn, dynamic=False)
+        return compiled[fn]
 
     e = 2  # bf16 bytes
     out = {}
@@ -160,6 +165,9 @@ def cases(liger):
             return LigerRopeFunction.apply(a, b, cos, sin)
 
         rope_cands["Liger rope (in place, +2 copies)"] = liger_rope
+    CHECKS["FlagGems apply_rotary_pos_emb(inplace=True)"] = lambda: rope_inplace_check(
+        lambda a, b: flag_gems.apply_rotary_pos_emb(a, b, half_cos, half_sin, inplace=True),
+        q_tokens, k_tokens, hf_rope(q, k, cos, sin))
     rope_bytes = 2 * (q.numel() + k.numel()) * e
     out["rope, q [4, 16, 2048, 128], k [4, 8, 2048, 128]"] = (rope_bytes, rope_cands)
 
@@ -185,6 +193,46 @@ def cases(liger):
             LigerSiLUMulFunction.apply(linear(xm, w_gate), linear(xm, w_up)), w_down)
     out["MLP block, [8192, 2048] -> 8192 -> 2048"] = (None, mlp_cands)
     return out
+
+
+CHECKS: dict = {}  # name -> check() -> dict, filled by cases(): correctness checks that are not timings
+
+
+def rope_inplace_check(apply, q_tokens, k_tokens, want, runs: int = 3) -> dict:
+    """An in-place rope `apply(q, k)` on fresh copies of the same (B, S, H, D) inputs, `runs` times: how far each
+    half of the head dim lands from `want` (HF's out-of-place result, (B, H, S, D)) and how far the runs differ
+    from each other. Runs that differ on equal inputs mean a race between reads and in-place writes."""
+    outs = []
+    for _ in range(runs):
+        a, b = q_tokens.clone(), k_tokens.clone()
+        apply(a, b)
+        outs.append((a.transpose(1, 2).float(), b.transpose(1, 2).float()))
+    half = q_tokens.shape[-1] // 2
+    first = outs[0]
+    return {
+        "max_diff_first_half": max((got[..., :half] - ref.float()[..., :half]).abs().max().item()
+                                   for got, ref in zip(first, want, strict=True)),
+        "max_diff_second_half": max((got[..., half:] - ref.float()[..., half:]).abs().max().item()
+                                    for got, ref in zip(first, want, strict=True)),
+        "max_diff_between_runs": max((x - y).abs().max().item() for other in outs[1:]
+                                     for x, y in zip(first, other, strict=True)),
+        "runs": runs,
+    }
+
+
+def host_us(fn, calls: int = 50) -> float:
+    """Host time per call: `calls` back-to-back calls enqueued without waiting (the device may lag behind)."""
+    import time
+
+    import torch
+
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - started
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
 
 
 def training_cases(liger):
@@ -280,19 +328,29 @@ def main() -> int:
                 got = fn()
                 reference = got if reference is None else reference
                 us = triton.testing.do_bench(fn, warmup=25, rep=200) * 1000
-                rows[name] = {"us": round(us, 1), "max_diff": round(largest_difference(got, reference), 4)}
+                rows[name] = {"us": round(us, 1), "host_us": round(host_us(fn), 1),
+                              "max_diff": round(largest_difference(got, reference), 4)}
                 if moved:
                     rows[name]["tb_per_s"] = round(moved / us / 1e6, 2)
             except Exception as exc:  # one candidate's failure must not lose the others
                 rows[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             print(f"{case:<52} {name:<44} {rows[name]}", flush=True)
             save()
+    result["checks"] = {}
+    for name, check in CHECKS.items():
+        try:
+            result["checks"][name] = {k: round(v, 4) for k, v in check().items()}
+        except Exception as exc:
+            result["checks"][name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        print(f"check {name}: {result['checks'][name]}", flush=True)
+        save()
     for case, candidates in training_cases(liger).items():
         rows = result["train"].setdefault(case, {})
         for name, fn in candidates.items():
             try:
                 fn()
-                rows[name] = {"us": round(triton.testing.do_bench(fn, warmup=25, rep=200) * 1000, 1)}
+                rows[name] = {"us": round(triton.testing.do_bench(fn, warmup=25, rep=200) * 1000, 1),
+                              "host_us": round(host_us(fn), 1)}
             except Exception as exc:
                 rows[name] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             print(f"{case:<52} {name:<44} {rows[name]}", flush=True)
@@ -308,18 +366,23 @@ def markdown(result) -> str:
              " bf16, Llama 4x2048 shapes; `triton.testing.do_bench` medians. Bandwidth: bytes the op must move / "
              f"time (peak {PEAK_TBPS} TB/s). max diff: against the first candidate (torch eager).", ""]
     for part, title in (("forward", "Forward (prefill)"), ("train", "Forward + backward")):
-        lines += [f"## {title}", "", "| case | candidate | µs | x fastest | TB/s | max diff |",
-                  "| --- | --- | ---: | ---: | ---: | ---: |"]
+        lines += [f"## {title}", "", "| case | candidate | µs | x fastest | TB/s | host µs | max diff |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for case, rows in result[part].items():
             times = [r["us"] for r in rows.values() if "us" in r]
             best = min(times) if times else None
             for name, r in rows.items():
                 if "us" not in r:
-                    lines.append(f"| {case} | {name} | {r['error']} | | | |")
+                    lines.append(f"| {case} | {name} | {r['error']} | | | | |")
                     continue
                 lines.append(f"| {case} | {name} | {r['us']:.1f} | {r['us'] / best:.2f} | {r.get('tb_per_s', '')} | "
-                             f"{r.get('max_diff', '')} |")
+                             f"{r.get('host_us', '')} | {r.get('max_diff', '')} |")
         lines.append("")
+        if part == "forward" and result.get("checks"):
+            lines += ["## Checks", ""]
+            lines += [f"- {name}: " + ", ".join(f"{k} {v}" for k, v in got.items())
+                      for name, got in result["checks"].items()]
+            lines.append("")
     return "\n".join(lines)
 
 

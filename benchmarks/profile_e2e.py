@@ -7,8 +7,13 @@ what they compute, and the busiest kernels by name.
     python benchmarks/profile_e2e.py                                   # GPU: llama, 4x2048, hf_sdpa,fl_patch,liger
     python benchmarks/profile_e2e.py --models qwen3 --shapes 1x128 --variants hf_sdpa,fl_patch
     python benchmarks/profile_e2e.py --quick                           # CPU, reference kernels, tiny model
+    python benchmarks/profile_e2e.py --shapes 4x2048,1x128 --variants compile_hf,compile_fl_patch
 
-On CPU (--quick) it groups CPU operator self time instead of kernels. Writes <name>.json and <name>.md to --out.
+compile_hf / compile_fl_patch profile ``torch.compile(model, dynamic=True)`` (default mode) after its first
+call at each shape, in the order given (the shapes compile in turn, as in bench_e2e). Each profile also counts
+the kernels launched per forward: at launch-bound shapes the wall time follows the launches and the host time
+of each, not the busy time. On CPU (--quick) it groups CPU operator self time instead of kernels. Writes
+<name>.json and <name>.md to --out.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import fl_patch
 from bench_e2e import apply_liger, inputs, prefill_fn  # benchmarks/, on sys.path as the script's folder
 from model_configs import model_config
 
-VARIANTS = ("hf_sdpa", "fl_patch", "liger")
+VARIANTS = ("hf_sdpa", "fl_patch", "compile_hf", "compile_fl_patch", "liger")
 
 # (category, substrings of a kernel or operator name, lower-cased); the first match wins.
 CATEGORIES = (
@@ -75,6 +80,12 @@ def profile_variant(run, on_gpu: bool, iterations: int) -> dict:
         run()
     if on_gpu:
         torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(iterations):
+        run()
+    if on_gpu:
+        torch.cuda.synchronize()
+    unprofiled_ms = (time.perf_counter() - started) * 1000 / iterations
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as prof:
         started = time.perf_counter()
@@ -89,12 +100,15 @@ def profile_variant(run, on_gpu: bool, iterations: int) -> dict:
         by_category[category(name)] = by_category.get(category(name), 0.0) + total / iterations / 1000
     busiest = sorted(events, key=lambda row: -row[1])[:12]
     return {
+        "wall_ms": round(unprofiled_ms, 3),
         "wall_ms_profiled": round(wall_ms, 3),
+        "launches": round(sum(count for _, _, count in events) / iterations, 1),
         "busy_ms": round(sum(by_category.values()), 3),
         "by_category_ms": {k: round(v, 3) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
         "busiest": [{"name": name[:120], "ms": round(total / iterations / 1000, 3),
                      "calls": round(count / iterations, 1), "category": category(name)}
                     for name, total, count in busiest],
+        "calls_by_name": {name[:120]: round(count / iterations, 1) for name, _, count in events},
     }
 
 
@@ -107,6 +121,7 @@ def contexts(kernels: str, model_name: str, model):
         yield
 
     return {"hf_sdpa": contextlib.nullcontext, "fl_patch": lambda: fl_patch.patched(kernels=kernels),
+            "compile_hf": contextlib.nullcontext, "compile_fl_patch": lambda: fl_patch.patched(kernels=kernels),
             "liger": liger}
 
 
@@ -123,7 +138,7 @@ def markdown(results: dict) -> str:
         unit = "kernel ms" if results["on_gpu"] else "CPU operator ms"
         lines += [f"## {key} ({unit} per forward)", "", "| category | " + " | ".join(names) + " |",
                   "| --- |" + " --- |" * len(names)]
-        for cat in cats + ["busy (sum)", "wall, profiled"]:
+        for cat in cats + ["busy (sum)", "wall", "wall, profiled", "kernels launched"]:
             cells = []
             for name in names:
                 entry = variants[name]
@@ -131,8 +146,12 @@ def markdown(results: dict) -> str:
                     cells.append("error")
                 elif cat == "busy (sum)":
                     cells.append(f"{entry['busy_ms']:.3f}")
+                elif cat == "wall":
+                    cells.append(f"{entry.get('wall_ms', 0.0):.3f}")
                 elif cat == "wall, profiled":
                     cells.append(f"{entry['wall_ms_profiled']:.3f}")
+                elif cat == "kernels launched":
+                    cells.append(f"{entry.get('launches', 0):g}")
                 else:
                     cells.append(f"{entry['by_category_ms'].get(cat, 0.0):.3f}")
             lines.append(f"| {cat} | " + " | ".join(cells) + " |")
@@ -184,19 +203,29 @@ def main() -> None:
         config = model_config(model_name, args.quick)
         model = __import__("transformers").AutoModelForCausalLM.from_config(config).to(device, dtype).eval()
         available = contexts(kernels, model_name, model)
-        runs = {f"{model_name} prefill {b}x{s}": prefill_fn(model, inputs((b, s), config.vocab_size, device))
-                for b, s in shapes}
+        ids = {f"{model_name} prefill {b}x{s}": inputs((b, s), config.vocab_size, device) for b, s in shapes}
         for variant in wanted:  # outer loop: liger can't be undone, so each variant runs every shape in turn
+            compiled = variant.startswith("compile_")
             try:
+                if compiled:
+                    torch._dynamo.reset()
                 with available[variant]():
-                    for key, run in runs.items():
+                    target = torch.compile(model, dynamic=True) if compiled else model
+                    for key, batch in ids.items():
+                        run = prefill_fn(target, batch)
+                        if compiled:
+                            started = time.perf_counter()
+                            run()
+                            print(f"{key} {variant}: first call (compiling) {time.perf_counter() - started:.0f} s",
+                                  flush=True)
                         entry = profile_variant(run, on_gpu, args.iterations)
                         results["profiles"].setdefault(key, {})[variant] = entry
-                        print(f"{key} {variant}: busy {entry['busy_ms']:.2f} ms, {entry['by_category_ms']}", flush=True)
+                        print(f"{key} {variant}: busy {entry['busy_ms']:.2f} ms, wall {entry['wall_ms_profiled']:.2f} "
+                              f"ms, {entry['launches']:g} launches, {entry['by_category_ms']}", flush=True)
                         (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
             except Exception as exc:  # one variant's failure must not lose the others' figures
                 error = {"error": f"{type(exc).__name__}: {exc}"}
-                for key in runs:
+                for key in ids:
                     results["profiles"].setdefault(key, {}).setdefault(variant, error)
                 print(f"{model_name} {variant}: {type(exc).__name__}: {exc}", flush=True)
         del model
