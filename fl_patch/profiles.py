@@ -4,7 +4,8 @@ A profile says, per kernel family (and optionally per form of it), whether calls
 (``"route": "gems"``, at or above ``min_elements`` elements of the call's deciding tensor, 0 = every size) or
 stay on the native path (``"route": "native"``), with a ``why`` for people and the measurements it came from.
 That decision holds when nothing else keeps the device busy (launch-bound); an optional ``device_bound`` decision
-of the same shape holds while the host is ahead of the device (see :mod:`fl_patch.routing`).
+of the same shape holds while the host is ahead of the device, and an optional ``compiled`` one under
+torch.compile, where the other side is inductor's code for the native path (see :mod:`fl_patch.routing`).
 Nothing in a profile is executed: it is parsed as JSON and checked field by field.
 
 Where profiles come from, first match wins: ``FL_PATCH_PROFILE`` (a file, a folder of profiles, or ``off``: no
@@ -22,6 +23,7 @@ The format (``schema`` 1)::
      "date": "2026-12-03T10:00:00+00:00",
      "families": {"rms_norm": {"route": "gems", "min_elements": 4194304, "why": "...",
                                "device_bound": {"route": "gems", "min_elements": 1048576, "why": "..."},
+                               "compiled": {"route": "native", "min_elements": 0, "why": "..."},
                                "forms": {"gemma": {"route": "gems", "min_elements": 0, "why": "..."}},
                                "measurements": [...]},
                   "linear": {"route": "native", "why": "..."}}}
@@ -63,12 +65,15 @@ class ProfileError(FlPatchError):
 class Decision:
     """How calls of one routing key go: ``route`` "gems" (at or above ``min_elements``) or "native", measured with
     nothing else keeping the device busy (launch-bound); ``device_bound``: the decision measured with the host
-    ahead of the device, where the profile has one (:mod:`fl_patch.tuning`)."""
+    ahead of the device, where the profile has one; ``compiled``: the decision measured under torch.compile, FlagGems'
+    custom op against inductor's code for the native path (``fl-patch tune --compiled``), where it has one
+    (:mod:`fl_patch.tuning`)."""
 
     route: str
     min_elements: int = 0
     why: str = ""
     device_bound: Decision | None = None
+    compiled: Decision | None = None
 
 
 @dataclass
@@ -132,6 +137,8 @@ def as_dict(decision: Decision) -> dict:
     out = {"route": decision.route, "min_elements": decision.min_elements, "why": decision.why}
     if decision.device_bound is not None:
         out["device_bound"] = as_dict(decision.device_bound)
+    if decision.compiled is not None:
+        out["compiled"] = as_dict(decision.compiled)
     return out
 
 
@@ -211,10 +218,13 @@ def _decision(entry, where: str, fail, regimes: bool = True) -> Decision:
     if not isinstance(minimum, int) or isinstance(minimum, bool) or minimum < 0:
         fail(f"{where}.min_elements is {minimum!r}; accepted: an integer >= 0")
     why = entry.get("why", "")
-    bound = None
+    bound = compiled = None
     if regimes and entry.get("device_bound") is not None:
         bound = _decision(entry["device_bound"], f"{where}.device_bound", fail, regimes=False)
-    return Decision(route, minimum if route == "gems" else 0, why if isinstance(why, str) else str(why), bound)
+    if regimes and entry.get("compiled") is not None:
+        compiled = _decision(entry["compiled"], f"{where}.compiled", fail, regimes=False)
+    return Decision(route, minimum if route == "gems" else 0, why if isinstance(why, str) else str(why), bound,
+                    compiled)
 
 
 @dataclass

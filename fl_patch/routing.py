@@ -14,9 +14,13 @@ stream not drained: the host cost hides behind that work, as in a large prefill)
 launch-bound threshold goes to FlagGems; one below it but at or above the device-bound threshold goes to FlagGems
 only if the device's current stream has work queued (one stream query, asked only of calls in that range, never
 while a CUDA graph is captured); the rest go native. Under torch.compile the routing is decided while tracing,
-once per graph, by size alone with the device-bound decision (compiled code keeps the device fed; a graph that
-replays with CUDA graphs has no host cost at all); a compile that starts before the profile was looked up looks
-it up then, for the accelerator already in use (a compile-start callback), else it keeps the originals.
+once per graph, by size alone, with the profile's ``compiled`` decision: measured by ``fl-patch tune --compiled``
+as FlagGems' custom op against inductor's code for the same native path. A profile without one keeps the
+originals under compile (inductor compiles them: on the H200, 2026-12-03, inductor's rope and silu * mul beat
+FlagGems' by 1.8x and 1.6x at Llama prefill 4x2048, and a FlagGems rope in a 1x128 graph cost 2.5 ms of host
+time a forward, benchmarks/results/prefill_gap.md and profile_compile.md); with no profile at all, FlagGems runs
+there as it does eagerly. A compile that starts before the profile was looked up looks it up then, for the
+accelerator already in use (a compile-start callback), else it keeps the originals.
 
 The device is only known once a call brings a tensor on it, so the profile is looked up then, once per process
 (:func:`router`'s first device call), never at start-up: that keeps the device untouched until the user's code
@@ -69,15 +73,17 @@ NOT_LOOKED_UP_UNDER_COMPILE = "torch.compile"
 
 
 _compiles_watched = False
-Entry = tuple  # (threshold, reason, busy_threshold, compiled_threshold): see entry()
+Entry = tuple  # (threshold, reason, busy_threshold, compiled_threshold, compiled_reason): see entry()
 
 
-def entry(threshold: int, reason: str, busy_threshold: int = NATIVE) -> Entry:
+def entry(threshold: int, reason: str, busy_threshold: int = NATIVE, compiled: tuple[int, str] | None = None) -> Entry:
     """One routing key's decision as the router reads it, a plain tuple (cheap, and dynamo traces it):
     calls with at least `threshold` elements go to FlagGems; below it, calls with at least `busy_threshold` go to
     FlagGems while the device is busy; the others go native for `reason`. Under torch.compile calls with at least
-    min(threshold, busy_threshold) elements go to FlagGems."""
-    return threshold, reason, busy_threshold, min(threshold, busy_threshold)
+    `compiled`'s threshold go to FlagGems, the others native for its reason (default: as eagerly with the device
+    busy, min(threshold, busy_threshold) and `reason`)."""
+    compiled_threshold, compiled_reason = compiled or (min(threshold, busy_threshold), reason)
+    return threshold, reason, busy_threshold, compiled_threshold, compiled_reason
 
 
 def configure(settings, registry) -> None:
@@ -135,7 +141,7 @@ def router(key: str, lifted: bool) -> Callable:
         if is_compiling():
             if decided is None:
                 return NOT_LOOKED_UP_UNDER_COMPILE
-            return decided[1] if tensor.numel() < decided[3] else None
+            return decided[4] if tensor.numel() < decided[3] else None
         if decided is None:
             decided = _decide(key, lifted, tensor.device)
         elements = tensor.numel()
@@ -156,16 +162,28 @@ def _decide(key: str, lifted: bool, device) -> Entry:
 
 
 def _entry(profile: profiles.Profile | None, key: str, lifted: bool) -> Entry:
-    decision = profile.decision(key) if profile is not None else profiles.Decision("gems", 0)
+    if profile is None:
+        return entry(0, SMALL_INPUT)  # no profile: FlagGems at every size, compiled or not
+    decision = profile.decision(key)
+    compiled = _compiled(decision.compiled, lifted)
     if decision.route == "native":
         if lifted:
-            return entry(0, SMALL_INPUT)
+            return entry(0, SMALL_INPUT, compiled=compiled)
         threshold, reason = NATIVE, PROFILE_NATIVE
     else:
         threshold, reason = decision.min_elements, SMALL_INPUT
     bound = decision.device_bound
     busy_threshold = bound.min_elements if bound is not None and bound.route == "gems" else NATIVE
-    return entry(threshold, reason, busy_threshold)
+    return entry(threshold, reason, busy_threshold, compiled)
+
+
+def _compiled(decision: profiles.Decision | None, lifted: bool) -> tuple[int, str]:
+    """(threshold, reason) under torch.compile from the profile's compiled decision: none measured keeps the
+    originals for inductor, as a native one does; a lifted row runs FlagGems where the decision is native (a
+    measured size threshold still holds)."""
+    if decision is not None and decision.route == "gems":
+        return decision.min_elements, SMALL_INPUT
+    return (0, SMALL_INPUT) if lifted else (NATIVE, PROFILE_NATIVE)
 
 
 def _busy(device) -> bool:

@@ -40,6 +40,14 @@ too short to keep the device's queue deep, :func:`device_bound_floor`), gives ea
 threshold only while the device is still busy with earlier work (its queue not drained, so the host cost hides
 behind it), and under torch.compile.
 
+``--compiled`` adds a third regime, torch.compile (default mode): at 2**14, 2**18, 2**22 and 2**26 elements (as
+capped per variant) both sides are compiled, each alone (``torch.compile(fullgraph=True, dynamic=False)`` after
+``torch._dynamo.reset()``): FlagGems' kernel as fl_patch's custom op against inductor's code for the native path,
+timed as above (launch-bound). The same rule gives each form (and family) a ``compiled`` decision, which is all the
+routing uses under torch.compile; a profile without one keeps the originals there. An op compiled alone gives
+inductor less to fuse than a whole model does (the residual add, the casts around it), so the decision leans
+towards FlagGems, if anything. Each size compiles twice (seconds each): the default budget doubles.
+
 ``--budget-s``: no new form starts after it; the forms left are listed as not measured (a family with no
 measured form is absent: FlagGems everywhere, as without a profile). The profile (``fl_patch.profiles``
 format, with every measurement) is rewritten after each form: ``--out PATH``, by default the user's cache
@@ -69,6 +77,8 @@ from fl_patch.versions import stack_versions
 
 DEVICE_SIZES = tuple(1 << exponent for exponent in range(12, 27, 2))
 CPU_SIZES = (1 << 8, 1 << 10, 1 << 12)
+COMPILED_SIZES = {"device": (1 << 14, 1 << 18, 1 << 22, 1 << 26), "cpu": (1 << 8, 1 << 12)}
+COMPILED = "compiled"  # the regime of a point timed under torch.compile (its "regime" field)
 DTYPE = torch.bfloat16
 NOISE_FLOOR = 0.03
 LOOP_S = {"device": 0.003, "cpu": 0.0005}
@@ -85,7 +95,8 @@ RULE = ("per form over its measured points sorted by elements: N = the smallest 
         "(max - min) / median of either side). A family's own entry is the most conservative of its forms. "
         "device_bound: the same rule over device time with the host ahead (the loop enqueued behind a blocker), "
         "at sizes from the device-bound floor on (native device-bound time > native host time at it and every "
-        "larger size).")
+        "larger size). compiled (fl-patch tune --compiled): the launch-bound rule over both sides compiled alone "
+        "(FlagGems' custom op against inductor's code for the native path).")
 BLOCKER_SIDE = 2048  # the blocker's square matmul: about 25 us on an H200, long enough that few are enqueued
 BLOCKER_MARGIN = 1.5  # the blocker lasts this many times the loop's host time
 BLOCKER_TRIES = 3  # each try doubles the blocker
@@ -97,12 +108,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="the reference kernels on the CPU: checks the harness")
     parser.add_argument("--out", type=Path, default=None, help="profile file (default: the user's profile cache)")
     parser.add_argument("--families", default="", help="comma list of families or keys (rms_norm, rope.hf, ...)")
-    parser.add_argument("--budget-s", type=float, default=BUDGET_S, help="start no new form after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help=f"start no new form after this many seconds (default {BUDGET_S:g}, twice that with "
+                             "--compiled)")
+    parser.add_argument("--compiled", action="store_true",
+                        help="also time both sides under torch.compile: the decision the routing uses there")
     parser.add_argument("--device", default=None, help="torch device (default: the first accelerator found)")
     parser.add_argument("--redecide", type=Path, default=None, metavar="PROFILE",
                         help="measure nothing: decide again from PROFILE's measurements by this fl_patch's rule, "
                              "written to --out (default: PROFILE itself)")
     args = parser.parse_args(argv)
+    if args.budget_s is None:
+        args.budget_s = BUDGET_S * (2 if args.compiled else 1)
     if args.budget_s <= 0:
         parser.error(f"--budget-s {args.budget_s:g}: give a number of seconds above 0")
     return args
@@ -131,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     print("  per form: its decision, then native time / gems time per size (above 1: FlagGems faster), launch-bound"
           "/device-bound where the device times both", flush=True)
     with kernel_cases.cpu_threads(device):
-        Tuner(device, provider, forms, args.budget_s, out, {"device": info.as_dict(), "versions": found}).run()
+        Tuner(device, provider, forms, args.budget_s, out, {"device": info.as_dict(), "versions": found},
+              compiled=args.compiled).run()
     return 0
 
 
@@ -165,8 +183,8 @@ def redecide(source: Path, out: Path) -> int:
     for family, entry in data["families"].items():
         measured = [dict(p, gems_us=math.inf if p["gems_us"] is None else p["gems_us"])
                     for p in entry.get("measurements", []) if "gems_us" in p]
-        forms = {form: decide_regimes([p for p in measured if p["form"] == form])
-                 for form in dict.fromkeys(p["form"] for p in measured)}
+        forms = {form: decide_all([p for p in measured if p["form"] == form])
+                 for form in dict.fromkeys(p["form"] for p in measured if p.get("regime") != COMPILED)}
         if forms:
             entry.update(family_decision(forms), forms=forms)
             print(f"  {family:<11} {_route(entry):<22} ({', '.join(f'{f} {_route(d)}' for f, d in forms.items())})")
@@ -389,6 +407,18 @@ def decide_regimes(points: list[dict]) -> dict:
     return decision
 
 
+def decide_all(points: list[dict]) -> dict:
+    """:func:`decide_regimes` over the eager points, with ``compiled``: :func:`decide` over the compiled ones where
+    there are any (``regime`` "compiled")."""
+    decision = decide_regimes([p for p in points if p.get("regime") != COMPILED])
+    compiled = [p for p in points if p.get("regime") == COMPILED]
+    if compiled:
+        decision["compiled"] = decide(compiled)
+        decision["compiled"]["why"] = "under torch.compile, FlagGems' op against inductor's code: " + (
+            decision["compiled"]["why"])
+    return decision
+
+
 def device_bound_floor(points: list[dict]) -> int | None:
     """The smallest measured size from which the native path is device-bound on its own (its device-bound time, the
     device alone, above its host time per call) at every larger measured size, or None.
@@ -412,8 +442,9 @@ def family_decision(forms: dict[str, dict]) -> dict:
     same of their ``device_bound`` decisions when every form has one). It applies to the family's forms the
     profile doesn't list."""
     decision = _most_conservative(forms)
-    if all("device_bound" in d for d in forms.values()):
-        decision["device_bound"] = _most_conservative({form: d["device_bound"] for form, d in forms.items()})
+    for regime in ("device_bound", COMPILED):
+        if all(regime in d for d in forms.values()):
+            decision[regime] = _most_conservative({form: d[regime] for form, d in forms.items()})
     return decision
 
 
@@ -435,8 +466,9 @@ class Tuner:
     """One run: measures form after form, decides, and rewrites the profile after each."""
 
     def __init__(self, device: torch.device, provider: str, forms: list[Form], budget_s: float, out: Path,
-                 identity: dict):
+                 identity: dict, compiled: bool = False):
         self.device, self.provider, self.forms, self.budget_s, self.out = device, provider, forms, budget_s, out
+        self.compiled = compiled
         self.mode = "cpu" if device.type == "cpu" else "device"
         self.clock = Clock(device)
         self.identity = identity
@@ -467,29 +499,44 @@ class Tuner:
         return form.sizes.get("tune", DEVICE_SIZES)
 
     def measure(self, form: Form) -> None:
+        points = self.points(form, self.sizes(form))
+        if self.compiled:
+            points += self.points(form, COMPILED_SIZES[self.mode], compiled=True)
+        self.measurements[form.key] = points
+        if any("gems_us" in p and p.get("regime") != COMPILED for p in points):
+            self.decisions[form.key] = decide_all([p for p in points if "gems_us" in p])
+        else:
+            self.not_measured.append(form.key)
+
+    def points(self, form: Form, sizes: tuple[int, ...], compiled: bool = False) -> list[dict]:
+        """One point per tuned variant and size; `compiled`: both sides compiled alone (``regime`` "compiled")."""
         gems_path, native_path = form.kernel(self.provider), form.native()
         points = []
         for variant in (v for v in form.variants if v.tune):
-            for elements in kernel_cases.grid(variant, self.sizes(form)):
+            for elements in kernel_cases.grid(variant, sizes):
                 torch.manual_seed(elements)
                 dtype = form.dtypes[0] if form.dtypes else DTYPE
                 inputs = variant.build(elements, dtype, self.device)
                 point = {"form": form.form, "variant": variant.name, "shape": inputs.shape,
                          "elements": inputs.deciding.numel(), "dtype": dtype_name(dtype), "gems_path": gems_path.name,
                          "native_path": native_path.name}
+                if compiled:
+                    point["regime"] = COMPILED
                 reason = form.unsupported(self.provider, inputs)
                 if reason is not None:
                     point["not_taken"] = reason
+                elif compiled:
+                    torch._dynamo.reset()  # each size and side its own graph: no recompile limit reached
+                    point.update(self._timed(torch.compile(gems_path.function, fullgraph=True, dynamic=False),
+                                             torch.compile(native_path.function, fullgraph=True, dynamic=False),
+                                             inputs.args))
                 else:
                     point.update(self._timed(gems_path.function, native_path.function, inputs.args))
                 points.append(point)
                 del inputs
-        self.measurements[form.key] = points
-        measured = [p for p in points if "gems_us" in p]
-        if measured:
-            self.decisions[form.key] = decide_regimes(measured)
-        else:
-            self.not_measured.append(form.key)
+        if compiled:
+            torch._dynamo.reset()
+        return points
 
     def _timed(self, gems_function, native_function, args: tuple) -> dict:
         functions = {"gems": lambda: gems_function(*args), "native": lambda: native_function(*args)}
@@ -524,9 +571,11 @@ class Tuner:
         verdict = _route(decision) if decision else "not measured (no size taken)"
         print(f"  {form.key:<22} {verdict:<22} {seconds:5.1f} s", flush=True)
         for variant in dict.fromkeys(p["variant"] for p in self.measurements[form.key]):
-            ratios = [f"{size_label(p['elements'])} {_ratio(p)}" for p in self.measurements[form.key]
-                      if p["variant"] == variant]
-            print(f"      native/gems  {variant}: {', '.join(ratios)}", flush=True)
+            for regime, label in ((None, "native/gems "), (COMPILED, "compiled    ")):
+                ratios = [f"{size_label(p['elements'])} {_ratio(p)}" for p in self.measurements[form.key]
+                          if p["variant"] == variant and p.get("regime") == regime]
+                if ratios:
+                    print(f"      {label} {variant}: {', '.join(ratios)}", flush=True)
 
     def profile(self) -> dict:
         families = {}
@@ -557,7 +606,11 @@ class Tuner:
 
 
 def _route(decision: dict) -> str:
-    return profiles.route_words(decision["route"], decision["min_elements"], decision.get("device_bound"))
+    words = profiles.route_words(decision["route"], decision["min_elements"], decision.get("device_bound"))
+    compiled = decision.get(COMPILED)
+    if compiled is not None:
+        words += f"; compiled {profiles.route_words(compiled['route'], compiled['min_elements'])}"
+    return words
 
 
 def _ratio(point: dict) -> str:

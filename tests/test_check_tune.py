@@ -465,3 +465,52 @@ def test_device_bound_timing_gets_the_host_ahead_or_says_it_could_not(monkeypatc
     backend.ahead = [False] * tuning.BLOCKER_TRIES
     assert clock.device_bound_loop(lambda: None, 10, 1e-4) is None
     assert not tuning.Clock(torch.device("cpu")).has_device_bound  # the CPU: no events, no device-bound times
+
+
+# ----------------------------------------------------------------------------------------- compiled regime
+
+
+def test_the_compiled_decision_comes_from_the_compiled_points_alone():
+    """Eager FlagGems wins everywhere, compiled it loses to inductor at the larger sizes: each regime its own
+    decision, and the family takes the most conservative compiled one only when every form has one."""
+    from fl_patch.tuning import COMPILED, decide_all, family_decision
+
+    eager = points((5, 10), (5, 10))
+    compiled = [dict(p, regime=COMPILED) for p in points((5, 10), (12, 10))]
+    decision = decide_all(eager + compiled)
+    assert (decision["route"], decision["min_elements"]) == ("gems", 0)
+    assert decision["compiled"]["route"] == "native" and "under torch.compile" in decision["compiled"]["why"]
+    assert "compiled" not in decide_all(eager)
+    compiled_wins = decide_all(eager + [dict(p, regime=COMPILED) for p in points((12, 10), (5, 10))])
+    assert (compiled_wins["compiled"]["route"], compiled_wins["compiled"]["min_elements"]) == ("gems", 1 << 14)
+    assert family_decision({"a": decision, "b": compiled_wins})["compiled"]["route"] == "native"
+    assert "compiled" not in family_decision({"a": decision, "b": decide_all(eager)})
+
+
+def test_redecide_keeps_compiled_points_out_of_the_eager_decision(tmp_path):
+    from fl_patch import profiles, tuning
+
+    point = {"form": "hf", "variant": "v", "shape": "s", "dtype": "bfloat16", "noise": 0.03}
+    measured = [dict(point, elements=1 << 12, gems_us=5, native_us=10),
+                dict(point, elements=1 << 12, gems_us=50, native_us=10, regime=tuning.COMPILED)]
+    source = profiles.write({"schema": 1, "device": {"name": "X"}, "versions": {}, "families": {
+        "rope": {"route": "native", "why": "old", "measurements": measured}}}, tmp_path / "p.json")
+    assert tuning.main(["--redecide", str(source), "--out", str(tmp_path / "new.json")]) == 0
+    rope = profiles.read(tmp_path / "new.json", "test").forms["rope.hf"]
+    assert (rope.route, rope.compiled.route) == ("gems", "native")
+
+
+def test_tune_quick_compiled_writes_compiled_decisions_the_routing_reads(tmp_path):
+    from fl_patch import profiles
+
+    out = tmp_path / "profile.json"
+    result, _ = fl_patch_command("tune", "--quick", "--compiled", "--families", "rms_norm.hf", "--out", str(out),
+                                 timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    compiled = [p for p in data["families"]["rms_norm"]["measurements"] if p.get("regime") == "compiled"]
+    assert compiled and all("gems_us" in p and "native_us" in p for p in compiled), compiled
+    profile = profiles.read(out, "test")
+    assert profile.forms["rms_norm.hf"].compiled is not None
+    assert profile.families["rms_norm"].compiled is not None
+    assert "compiled" in result.stdout

@@ -448,23 +448,68 @@ def test_the_busy_probe_reads_the_device_type_stream_and_never_queries_a_capture
     assert routing._busy_probe("no_such_device_type")(torch.device("cpu")) is False
 
 
-def test_under_compile_routing_is_by_size_with_the_device_bound_threshold_in_one_graph(stand_in_device, monkeypatch):
-    """A compile that starts before any eager call looks the profile up for the device in use (its start
-    callback); tracing then routes by size alone, with the device-bound threshold, in one graph."""
-    write(cache(stand_in_device) / "a.json",
-          bound_profile({"route": "native"}, {"route": "gems", "min_elements": 4096}))
-    monkeypatch.setattr(environment, "first_device", lambda initialized_only=False: torch.device("cpu"))
-    fl_patch.apply(kernels="gems")
-    route = routing.router("rms_norm.hf", False)
+def compiled_routes(sizes, key="rms_norm.hf", lifted=False):
+    """What one compiled graph per size routes for `key`: the reason a traced call goes native, None for FlagGems."""
+    route = routing.router(key, lifted)
+    reasons = []
 
     def routed(x):
-        return x + (0 if route(x) is None else 1)  # 0: FlagGems, 1: native
+        reasons.append(route(x))
+        return x + 1
 
     compiled = torch.compile(routed, backend="eager", fullgraph=True)
-    assert compiled(torch.zeros(64, 64)).sum() == 0
-    assert compiled(torch.zeros(2, 64)).sum() == 128
+    for size in sizes:  # a new size traces again (torch._dynamo.reset() would also drop fl_patch's start callback)
+        compiled(torch.zeros(size))
     torch._dynamo.reset()
+    return reasons
+
+
+def test_under_compile_routing_is_by_size_with_the_compiled_decision(stand_in_device, monkeypatch):
+    """A compile that starts before any eager call looks the profile up for the device in use (its start
+    callback); tracing then routes by size alone, with the profile's compiled decision, not the eager ones."""
+    write(cache(stand_in_device) / "a.json", profile_data(families={"rms_norm": {
+        "route": "native", "device_bound": {"route": "gems", "min_elements": 64},
+        "compiled": {"route": "gems", "min_elements": 4096}, "why": "measured"}}))
+    monkeypatch.setattr(environment, "first_device", lambda initialized_only=False: torch.device("cpu"))
+    fl_patch.apply(kernels="gems")
+    assert compiled_routes([64 * 64, 2 * 64]) == [None, gems.SMALL_INPUT]
     assert routing.describe()["state"] == "in force"
+    assert routing.describe()["families"]["rms_norm"]["compiled"]["min_elements"] == 4096
+
+
+def test_under_compile_a_profile_without_a_compiled_decision_keeps_the_originals(stand_in_device, monkeypatch):
+    """Eager decisions say nothing about inductor's code: without a compiled decision every size stays native
+    under compile, even where the device-bound decision sends eager calls to FlagGems; a lifted family runs it."""
+    write(cache(stand_in_device) / "a.json",
+          bound_profile({"route": "gems", "min_elements": 4096}, {"route": "gems", "min_elements": 64}))
+    monkeypatch.setattr(environment, "first_device", lambda initialized_only=False: torch.device("cpu"))
+    fl_patch.apply(kernels="gems")
+    assert compiled_routes([1 << 20, 64]) == [gems.PROFILE_NATIVE, gems.PROFILE_NATIVE]
+    fl_patch.apply(kernels="gems")  # again: the reset above dropped the compile-start callback
+    assert compiled_routes([64], lifted=True) == [None]
+
+
+def test_under_compile_a_native_compiled_decision_holds_unless_lifted(stand_in_device, monkeypatch):
+    write(cache(stand_in_device) / "a.json", profile_data(families={"rms_norm": {
+        "route": "gems", "compiled": {"route": "native"}, "why": "measured"}}))
+    monkeypatch.setattr(environment, "first_device", lambda initialized_only=False: torch.device("cpu"))
+    fl_patch.apply(kernels="gems")
+    assert routing.router("rms_norm.hf", False)(torch.zeros(64)) is None  # eager: FlagGems
+    assert compiled_routes([1 << 20]) == [gems.PROFILE_NATIVE]
+    fl_patch.apply(kernels="gems")
+    assert compiled_routes([1 << 20], lifted=True) == [None]
+
+
+def test_under_compile_with_no_profile_flag_gems_runs_as_eagerly(stand_in_device, monkeypatch):
+    monkeypatch.setattr(environment, "first_device", lambda initialized_only=False: torch.device("cpu"))
+    fl_patch.apply(kernels="gems")
+    assert compiled_routes([64]) == [None]
+
+
+def test_a_profile_with_a_broken_compiled_entry_is_refused_naming_the_field(tmp_path):
+    data = profile_data(families={"rms_norm": {"route": "native", "compiled": {"route": "gems", "min_elements": -1}}})
+    with pytest.raises(profiles.ProfileError, match=r"families\.rms_norm\.compiled\.min_elements is -1"):
+        profiles.read(write(tmp_path / "p.json", data), "test")
 
 
 def test_under_compile_with_no_profile_looked_up_the_originals_stay(stand_in_device, monkeypatch):
