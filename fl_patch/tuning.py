@@ -525,6 +525,8 @@ class Tuner:
                 reason = form.unsupported(self.provider, inputs)
                 if reason is not None:
                     point["not_taken"] = reason
+                elif compiled and (reason := self._compile_reason()) is not None:
+                    point["not_taken"] = reason
                 elif compiled:
                     torch._dynamo.reset()  # each size and side its own graph: no recompile limit reached
                     point.update(self._timed(torch.compile(gems_path.function, fullgraph=True, dynamic=False),
@@ -537,6 +539,15 @@ class Tuner:
         if compiled:
             torch._dynamo.reset()
         return points
+
+    def _compile_reason(self) -> str | None:
+        """Why FlagGems' kernels can't be traced as fl_patch's custom ops here, or None. In a model the gems path's
+        own check defines the ops while tracing; a kernel compiled alone skips that check, so it is made here."""
+        if self.provider != "gems":
+            return None
+        from fl_patch.kernels import custom_ops
+
+        return custom_ops.define()
 
     def _timed(self, gems_function, native_function, args: tuple) -> dict:
         functions = {"gems": lambda: gems_function(*args), "native": lambda: native_function(*args)}
