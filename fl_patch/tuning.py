@@ -38,7 +38,7 @@ native path's own device time outlasts its host time at every larger size: below
 too short to keep the device's queue deep, :func:`device_bound_floor`), gives each form (and family) a
 ``device_bound`` decision. The routing (:mod:`fl_patch.routing`) uses it for a call below the launch-bound
 threshold only while the device is still busy with earlier work (its queue not drained, so the host cost hides
-behind it), and under torch.compile.
+behind it); under torch.compile only the ``compiled`` decision counts (``--compiled``, below).
 
 ``--compiled`` adds a third regime, torch.compile (default mode): at 2**14, 2**18, 2**22 and 2**26 elements (as
 capped per variant) both sides are compiled, each alone (``torch.compile(fullgraph=True, dynamic=False)`` after
