@@ -101,7 +101,7 @@ def status(as_json: bool) -> int:
         print("  settings          " + ", ".join(f"{k}={v}" for k, v in environment.settings_dict(chosen).items()))
         print(f"  {profile['summary']}")
         for family, entry in profile.get("families", {}).items():
-            print(f"    {family:<11} {_route_words(entry)}: {entry['why']}" + (
+            print(f"    {family:<11} {_route_words(entry, compiled_shown=True)}: {entry['why']}" + (
                 f" ({entry['lifted']})" if "lifted" in entry else ""))
             for form, own in entry.get("forms", {}).items():
                 print(f"      {form:<9} {_route_words(own)}: {own['why']}")
@@ -129,10 +129,11 @@ def _profile(chosen, problems: list[str]) -> dict:
     return routing.describe()
 
 
-def _route_words(entry: dict) -> str:
+def _route_words(entry: dict, compiled_shown: bool = False) -> str:
     from fl_patch import profiles
 
-    return profiles.route_words(entry["route"], entry["min_elements"], entry.get("device_bound"))
+    return profiles.route_words(entry["route"], entry["min_elements"], entry.get("device_bound"),
+                                entry.get("compiled"), compiled_shown)
 
 
 # Commands whose module parses its own options (imported only when run: they import torch).

@@ -121,14 +121,20 @@ def _same_name(a: str, b: str) -> bool:
     return " ".join(a.lower().split()) == " ".join(b.lower().split())
 
 
-def route_words(route: str, min_elements: int, device_bound: dict | None = None) -> str:
+def route_words(route: str, min_elements: int, device_bound: dict | None = None, compiled: dict | None = None,
+                compiled_shown: bool = False) -> str:
     """A decision in a few words: ``native``, ``gems`` or ``gems >= N``, then ``; device-bound ...`` where the
-    `device_bound` decision (a dict with route and min_elements) differs."""
+    `device_bound` decision (a dict with route and min_elements) differs, then ``; compiled ...`` where there is a
+    `compiled` decision (or, with `compiled_shown`, that there is none: the originals under torch.compile)."""
     words = "native" if route == "native" else f"gems >= {min_elements}" if min_elements else "gems"
     if device_bound is not None:
         bound = (device_bound["route"], device_bound.get("min_elements", 0))
         if bound != (route, min_elements):
             words += f"; device-bound {route_words(*bound)}"
+    if compiled is not None:
+        words += f"; compiled {route_words(compiled['route'], compiled.get('min_elements', 0))}"
+    elif compiled_shown:
+        words += "; compiled: originals (not measured: fl-patch tune --compiled)"
     return words
 
 

@@ -617,11 +617,8 @@ class Tuner:
 
 
 def _route(decision: dict) -> str:
-    words = profiles.route_words(decision["route"], decision["min_elements"], decision.get("device_bound"))
-    compiled = decision.get(COMPILED)
-    if compiled is not None:
-        words += f"; compiled {profiles.route_words(compiled['route'], compiled['min_elements'])}"
-    return words
+    return profiles.route_words(decision["route"], decision["min_elements"], decision.get("device_bound"),
+                                decision.get(COMPILED))
 
 
 def _ratio(point: dict) -> str:

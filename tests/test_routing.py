@@ -531,3 +531,11 @@ def test_a_profile_with_a_broken_device_bound_entry_is_refused_naming_the_field(
     path = write(tmp_path / "p.json", bound_profile({"route": "native"}, {"route": "fast"}))
     with pytest.raises(profiles.ProfileError, match=r"families\.rms_norm\.device_bound\.route is 'fast'"):
         profiles.read(path, "test")
+
+
+def test_route_words_name_the_compiled_decision_or_its_absence():
+    assert profiles.route_words("native", 0, None, {"route": "gems", "min_elements": 4096}) == (
+        "native; compiled gems >= 4096")
+    assert profiles.route_words("gems", 0, compiled_shown=True) == (
+        "gems; compiled: originals (not measured: fl-patch tune --compiled)")
+    assert profiles.route_words("gems", 0) == "gems"
