@@ -32,6 +32,7 @@ from bench_e2e import apply_liger, inputs, prefill_fn  # benchmarks/, on sys.pat
 from model_configs import model_config
 
 VARIANTS = ("hf_sdpa", "fl_patch", "compile_hf", "compile_fl_patch", "liger")
+DEFAULT_VARIANTS = ("hf_sdpa", "fl_patch", "liger")  # the compiled ones take a minute a shape: by name only
 
 # (category, substrings of a kernel or operator name, lower-cased); the first match wins.
 CATEGORIES = (
@@ -168,7 +169,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="CPU, reference kernels, tiny model, seconds")
     parser.add_argument("--models", default="llama")
     parser.add_argument("--shapes", default="4x2048", help="comma list of BATCHxSEQ prefill shapes")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma list of {', '.join(VARIANTS)} (default {','.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default="profile")
