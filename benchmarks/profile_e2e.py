@@ -75,26 +75,23 @@ def device_events(prof, on_gpu: bool):
     return rows
 
 
+def wall_ms_per_call(run, on_gpu: bool, calls: int) -> float:
+    """Milliseconds per call of `calls` back-to-back calls, up to the device finishing them."""
+    started = time.perf_counter()
+    for _ in range(calls):
+        run()
+    if on_gpu:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - started) * 1000 / calls
+
+
 def profile_variant(run, on_gpu: bool, iterations: int) -> dict:
     """Per-forward kernel (or CPU operator) time by category, the 12 busiest names, and the wall time."""
-    for _ in range(3):
-        run()
-    if on_gpu:
-        torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(iterations):
-        run()
-    if on_gpu:
-        torch.cuda.synchronize()
-    unprofiled_ms = (time.perf_counter() - started) * 1000 / iterations
+    wall_ms_per_call(run, on_gpu, 3)  # warm-up
+    unprofiled_ms = wall_ms_per_call(run, on_gpu, iterations)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as prof:
-        started = time.perf_counter()
-        for _ in range(iterations):
-            run()
-        if on_gpu:
-            torch.cuda.synchronize()
-        wall_ms = (time.perf_counter() - started) * 1000 / iterations
+        wall_ms = wall_ms_per_call(run, on_gpu, iterations)
     events = device_events(prof, on_gpu)
     by_category: dict[str, float] = {}
     for name, total, _ in events:

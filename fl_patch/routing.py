@@ -80,9 +80,8 @@ def entry(threshold: int, reason: str, busy_threshold: int = NATIVE, compiled: t
     """One routing key's decision as the router reads it, a plain tuple (cheap, and dynamo traces it):
     calls with at least `threshold` elements go to FlagGems; below it, calls with at least `busy_threshold` go to
     FlagGems while the device is busy; the others go native for `reason`. Under torch.compile calls with at least
-    `compiled`'s threshold go to FlagGems, the others native for its reason (default: as eagerly with the device
-    busy, min(threshold, busy_threshold) and `reason`)."""
-    compiled_threshold, compiled_reason = compiled or (min(threshold, busy_threshold), reason)
+    `compiled`'s threshold go to FlagGems, the others native for its reason (default: `threshold` and `reason`)."""
+    compiled_threshold, compiled_reason = compiled or (threshold, reason)
     return threshold, reason, busy_threshold, compiled_threshold, compiled_reason
 
 

@@ -511,6 +511,7 @@ class Tuner:
     def points(self, form: Form, sizes: tuple[int, ...], compiled: bool = False) -> list[dict]:
         """One point per tuned variant and size; `compiled`: both sides compiled alone (``regime`` "compiled")."""
         gems_path, native_path = form.kernel(self.provider), form.native()
+        compile_reason = self._compile_reason() if compiled else None
         points = []
         for variant in (v for v in form.variants if v.tune):
             for elements in kernel_cases.grid(variant, sizes):
@@ -525,8 +526,8 @@ class Tuner:
                 reason = form.unsupported(self.provider, inputs)
                 if reason is not None:
                     point["not_taken"] = reason
-                elif compiled and (reason := self._compile_reason()) is not None:
-                    point["not_taken"] = reason
+                elif compile_reason is not None:
+                    point["not_taken"] = compile_reason
                 elif compiled:
                     torch._dynamo.reset()  # each size and side its own graph: no recompile limit reached
                     point.update(self._timed(torch.compile(gems_path.function, fullgraph=True, dynamic=False),
