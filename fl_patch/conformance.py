@@ -271,15 +271,15 @@ class Judge:
     def forward(self, kernel: Named) -> dict:
         if self._outputs is None:
             with torch.no_grad():
-                self._outputs = (_tensors(self.original.function(*self.inputs.args)),
-                                 _tensors(self.original.function(*self.inputs.in_fp32().args)))
+                self._outputs = (tensors(self.original.function(*self.inputs.args)),
+                                 tensors(self.original.function(*self.inputs.in_fp32().args)))
         try:
             with torch.no_grad():
-                actual = _tensors(kernel.function(*self.inputs.args))
+                actual = tensors(kernel.function(*self.inputs.args))
         except Exception as exc:  # a kernel that raises is a failed case, not a failed run
             return {"verdict": f"fail: {_exception(exc)}"}
         labels = ["output"] if len(actual) == 1 else [f"output {i}" for i in range(len(actual))]
-        return _judged(actual, *self._outputs, self.dtype, labels)
+        return judged(actual, *self._outputs, self.dtype, labels)
 
     def backward(self, kernel: Named, form: Form, provider: str | None) -> dict:
         """Gradients against the original's where the path claims a backward: `unsupported` takes inputs that
@@ -299,21 +299,21 @@ class Judge:
         except Exception as exc:  # as in forward
             return {"grad": "checked", "verdict": f"fail: backward: {_exception(exc)}"}
         labels = [f"gradient of argument {position}" for position in self.inputs.grads]
-        judged = _judged(actual, *self._grads, self.dtype, labels)
-        return {"grad": "checked", "grad_error": judged["max_error"], "grad_original_error": judged["original_error"],
-                "grad_tolerance": judged["tolerance"], "verdict": judged["verdict"]}
+        verdict = judged(actual, *self._grads, self.dtype, labels)
+        return {"grad": "checked", "grad_error": verdict["max_error"], "grad_original_error": verdict["original_error"],
+                "grad_tolerance": verdict["tolerance"], "verdict": verdict["verdict"]}
 
     def _gradients(self, function: Named, leaves: Inputs) -> list[torch.Tensor | None]:
         """d sum(output * cotangent) / d each tensor at `leaves.grads`, with a fixed fp32 cotangent per output."""
         with torch.enable_grad():
-            outputs = _tensors(function.function(*leaves.args))
+            outputs = tensors(function.function(*leaves.args))
             generator = torch.Generator().manual_seed(1234)
             cotangents = [torch.randn(out.shape, generator=generator).to(out.device) for out in outputs]
             loss = sum((out.float() * cot).sum() for out, cot in zip(outputs, cotangents, strict=True))
             return list(torch.autograd.grad(loss, leaves.grad_tensors(), allow_unused=True))
 
 
-def _tensors(result) -> tuple:
+def tensors(result) -> tuple:
     return tuple(result) if isinstance(result, (tuple, list)) else (result,)
 
 
@@ -322,7 +322,7 @@ def _exception(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
 
 
-def _judged(actual, expected, exact, dtype: torch.dtype, labels: list[str]) -> dict:
+def judged(actual, expected, exact, dtype: torch.dtype, labels: list[str]) -> dict:
     """The verdict of tensors `actual` against the original's `expected` and `exact` (see TOLERANCE_RULE), with
     the figures of the worst tensor (largest error over tolerance)."""
     worst = {"max_error": 0.0, "original_error": 0.0, "tolerance": ATOL[dtype]}

@@ -10,10 +10,14 @@ Nothing in a profile is executed: it is parsed as JSON and checked field by fiel
 
 Where profiles come from, first match wins: ``FL_PATCH_PROFILE`` (a file, a folder of profiles, or ``off``: no
 performance routing at all), then the user's cache (``$XDG_CACHE_HOME/fl_patch/profiles``, ``~/.cache`` when
-unset; ``fl-patch tune`` writes there), then the profiles shipped in this package (``fl_patch/profiles/``). A
+unset; ``fl-patch tune`` writes there), then the profiles shipped in this package (``fl_patch/profiles/``), then
+the profile calibrated on this device's own calls (``<cache>/calibrated/``, :mod:`fl_patch.calibration`). A
 file or folder named by ``FL_PATCH_PROFILE`` is used whatever device it was made on (the status says so when it
 differs); in the cache and the package only a profile of this device's vendor and name counts. A profile made with
-other torch or flag_gems versions is used and flagged as stale.
+other torch or flag_gems versions is used and flagged as stale. Where none is found, the measured profile of
+another device of the same vendor, type and architecture (capability) is *borrowed* for the prior of
+:func:`fl_patch.routing.prior`: its device-bound decisions only (device time is a fact of the architecture; host
+cost is not).
 
 The format (``schema`` 1)::
 
@@ -31,6 +35,7 @@ The format (``schema`` 1)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -98,6 +103,11 @@ class Profile:
     def family_decision(self, family: str) -> Decision:
         """The family's own decision, or gems everywhere when the profile did not measure it."""
         return self.families.get(family, Decision("gems", 0, "not measured in this profile"))
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether this profile was calibrated on a program's own calls (not measured by ``fl-patch tune``)."""
+        return "calibrated" in self.data
 
     def matches(self, device) -> bool:
         """Whether this profile was made on a device of this vendor and name."""
@@ -214,6 +224,15 @@ def parse(data, path: str, source: str) -> Profile:
                    date=str(data.get("date", "")), families=decisions, forms=forms, data=data)
 
 
+def decision_from(entry: dict, where: str) -> Decision:
+    """A Decision from one decision's JSON-ready data (as :mod:`fl_patch.tuning` makes them); ProfileError naming
+    `where` otherwise."""
+    def fail(problem: str):
+        raise ProfileError(problem)
+
+    return _decision(entry, where, fail)
+
+
 def _decision(entry, where: str, fail, regimes: bool = True) -> Decision:
     if not isinstance(entry, dict):
         fail(f"{where} must be an object")
@@ -242,6 +261,7 @@ class Lookup:
     searched: list[str]
     problems: list[str]
     setting: str | None  # FL_PATCH_PROFILE as given (None: unset)
+    borrowed: Profile | None = None  # with no profile: one of the same vendor, type and architecture
 
     @property
     def off(self) -> bool:
@@ -266,12 +286,35 @@ def find(device, setting: str | None, env=None) -> Lookup:
                 return Lookup(None, [str(chosen)], [str(exc)], setting)
         places = [(chosen, "FL_PATCH_PROFILE")]
     else:
-        places = [(cache_dir(env), "user cache"), (SHIPPED_DIR, "shipped")]
+        places = [(cache_dir(env), "user cache"), (SHIPPED_DIR, "shipped"), (calibrated_dir(env), "calibrated")]
     for folder, source in places:
         found = _best_in(folder, source, device, problems)
         if found is not None:
             return Lookup(found, [str(p) for p, _ in places], problems, setting)
-    return Lookup(None, [str(p) for p, _ in places], problems, setting)
+    borrowed = None if setting is not None else _borrowable(places[:2], device)
+    return Lookup(None, [str(p) for p, _ in places], problems, setting, borrowed)
+
+
+def calibrated_dir(env=None) -> Path:
+    """Where calibrated profiles live: ``<cache>/calibrated``."""
+    return cache_dir(env) / "calibrated"
+
+
+def _borrowable(places: list[tuple[Path, str]], device) -> Profile | None:
+    """The newest measured profile of another device of this vendor, type and capability, or None."""
+    if device.vendor is None or device.capability is None:
+        return None
+    fitting = []
+    for folder, source in places:
+        with contextlib.suppress(OSError):
+            for path in sorted(folder.glob("*.json")):
+                with contextlib.suppress(ProfileError):
+                    profile = read(path, source)
+                    made = profile.device
+                    if (made.get("vendor") == device.vendor and made.get("type") == device.type
+                            and str(made.get("capability")) == device.capability):
+                        fitting.append(profile)
+    return max(fitting, key=lambda p: p.date) if fitting else None
 
 
 def _best_in(folder: Path, source: str, device, problems: list[str]) -> Profile | None:

@@ -30,12 +30,38 @@ def kernel_pair(kernel_module: ModuleType, form: str, provider: str, rec) -> tup
         return kernel, unsupported
     from fl_patch import routing
 
-    route = routing.router(f"{family}.{form or family}", routing.is_lifted(rec.target, rec.family))
+    key = f"{family}.{form or family}"
+    route = routing.router(key, routing.is_lifted(rec.target, rec.family))
 
     def routed(provider, tensor, *rest):
         return route(tensor) or unsupported(provider, tensor, *rest)
 
-    return kernel, routed
+    return watched(key, kernel, getattr(kernel_module, f"reference{suffix}")), routed
+
+
+def watched(key: str, kernel: Callable, reference: Callable) -> Callable:
+    """`kernel` behind its watch: a call in a dtype not yet verified on this device is verified first
+    (:mod:`fl_patch.verification`), a call the router handed to calibration is measured
+    (:mod:`fl_patch.calibration`); every other call, and every call while torch.compile traces, goes straight to
+    `kernel` (a set lookup and an attribute read). The native path both use is the key's calibration native, or
+    the form's torch reference where it has none."""
+    import torch
+
+    from fl_patch import calibration, verification
+
+    is_compiling = torch.compiler.is_compiling
+    verified = verification.checks(key).verified
+    measuring = calibration.state(key)
+    native_path = calibration.native(key) or reference
+
+    def kernel_call(*args, **kwargs):
+        if is_compiling() or (args[0].dtype in verified and measuring.sample is None):
+            return kernel(*args, **kwargs)
+        if args[0].dtype not in verified:
+            return verification.first_call(key, kernel, native_path, args, kwargs)
+        return calibration.measure(key, kernel, native_path, args, kwargs)
+
+    return kernel_call
 
 
 def like(replacement: Callable, original: Callable) -> Callable:

@@ -18,15 +18,27 @@ once per graph, by size alone, with the profile's ``compiled`` decision: measure
 as FlagGems' custom op against inductor's code for the same native path. A profile without one keeps the
 originals under compile (inductor compiles them: on the H200, 2026-12-03, inductor's rope and silu * mul beat
 FlagGems' by 1.8x and 1.6x at Llama prefill 4x2048, and a FlagGems rope in a 1x128 graph cost 2.5 ms of host
-time a forward, benchmarks/results/prefill_gap.md and profile_compile.md); with no profile at all, FlagGems runs
-there as it does eagerly. A compile that starts before the profile was looked up looks it up then, for the
+time a forward, benchmarks/results/prefill_gap.md and profile_compile.md); so does the prior of a device with no
+profile. A compile that starts before the profile was looked up looks it up then, for the
 accelerator already in use (a compile-start callback), else it keeps the originals.
 
 The device is only known once a call brings a tensor on it, so the profile is looked up then, once per process
 (:func:`router`'s first device call), never at start-up: that keeps the device untouched until the user's code
-uses it, and under ``torchrun`` each rank finds the profile of its own device. No profile for the device: every
-call goes to FlagGems (the report and ``fl-patch status`` say that none was found). ``FL_PATCH_PROFILE=off``:
-no routing at all.
+uses it, and under ``torchrun`` each rank finds the profile of its own device. ``FL_PATCH_PROFILE=off``: no
+routing at all, every call on FlagGems.
+
+A device with no measured profile is never made slower or wrong by fl_patch:
+
+- Until a key is measured its calls take the *prior* (:func:`prior`), the path that can't lose: native in the
+  launch-bound regime (FlagGems' host cost can't hide there), and FlagGems in the device-bound regime only from
+  the device-bound threshold of a profile *borrowed* from another device of the same vendor, type and
+  architecture (:func:`fl_patch.profiles.find`), where its device time is known to win; native under compile.
+- :mod:`fl_patch.calibration` measures the program's own calls, per key, size bucket and regime, and routes
+  each key by what it learned (the thresholds of an entry, as a profile's, within the measured size range; a call
+  outside it is measured). The first calls of a calibrating process mix the two paths, each within the form's
+  tolerance of the other.
+- :mod:`fl_patch.verification` compares FlagGems' first result per key and dtype with the native path's; a
+  mismatch keeps the key native (:data:`~fl_patch.kernels.gems.NOT_VERIFIED`), lifted or not.
 
 What beats the profile: a family or target named in ``FL_PATCH_INCLUDE`` / ``include``, and rows the user's own
 code or config names (``attn_implementation="flagos"``, LightX2V's ``flagos_*`` keys), are *lifted*: a family
@@ -41,8 +53,8 @@ import sys
 import threading
 from collections.abc import Callable
 
-from fl_patch import profiles
-from fl_patch.kernels.gems import PROFILE_NATIVE, SMALL_INPUT
+from fl_patch import calibration, profiles, verification
+from fl_patch.kernels.gems import NOT_MEASURED, NOT_VERIFIED, PROFILE_NATIVE, SMALL_INPUT
 
 log = logging.getLogger("fl_patch")
 
@@ -64,6 +76,7 @@ class _Routing:
         self.tables: dict[bool, dict[str, Entry]] = {False: {}, True: {}}  # lifted -> key -> entry
         self.probes: dict[str, Callable] = {}  # device type -> busy(device)
         self.said: set[str] = set()  # problems already logged (a broken FL_PATCH_PROFILE file, at configure)
+        self.calibrate = True  # whether keys without a measured decision are calibrated (see may_calibrate)
 
 
 _routing = _Routing()
@@ -73,16 +86,20 @@ NOT_LOOKED_UP_UNDER_COMPILE = "torch.compile"
 
 
 _compiles_watched = False
-Entry = tuple  # (threshold, reason, busy_threshold, compiled_threshold, compiled_reason): see entry()
+Entry = tuple  # (threshold, reason, busy_threshold, compiled_threshold, compiled_reason, low, high): see entry()
+EVERY_SIZE = (0, NATIVE)  # the measured range of a decision that holds at every size (a profile's)
+NONE_MEASURED = (NATIVE, -1)  # the measured range of a key still to be calibrated: every size outside it
 
 
-def entry(threshold: int, reason: str, busy_threshold: int = NATIVE, compiled: tuple[int, str] | None = None) -> Entry:
+def entry(threshold: int, reason: str, busy_threshold: int = NATIVE, compiled: tuple[int, str] | None = None,
+          measured: tuple[int, int] = EVERY_SIZE) -> Entry:
     """One routing key's decision as the router reads it, a plain tuple (cheap, and dynamo traces it):
     calls with at least `threshold` elements go to FlagGems; below it, calls with at least `busy_threshold` go to
     FlagGems while the device is busy; the others go native for `reason`. Under torch.compile calls with at least
-    `compiled`'s threshold go to FlagGems, the others native for its reason (default: `threshold` and `reason`)."""
+    `compiled`'s threshold go to FlagGems, the others native for its reason (default: `threshold` and `reason`).
+    Eager calls whose size is outside `measured` (low, high) are calibrated (:mod:`fl_patch.calibration`)."""
     compiled_threshold, compiled_reason = compiled or (threshold, reason)
-    return threshold, reason, busy_threshold, compiled_threshold, compiled_reason
+    return threshold, reason, busy_threshold, compiled_threshold, compiled_reason, measured[0], measured[1]
 
 
 def configure(settings, registry) -> None:
@@ -99,6 +116,10 @@ def configure(settings, registry) -> None:
         _routing.explicit_targets = frozenset(t.name for t in registry.targets.values() if t.explicit_choice)
         _routing.lookup, _routing.device = None, None
         _routing.said.clear()
+        _routing.calibrate = settings.calibrate and settings.profile is None and settings.kernels == "gems"
+    calibration.reset()
+    verification.reset()
+    with _routing.lock:
         for table in _routing.tables.values():
             table.clear()  # in place: routers hold these dicts
     if _compiles_watched:
@@ -144,6 +165,8 @@ def router(key: str, lifted: bool) -> Callable:
         if decided is None:
             decided = _decide(key, lifted, tensor.device)
         elements = tensor.numel()
+        if (elements < decided[5] or elements > decided[6]) and _measuring(key, elements, tensor.device):
+            return None  # the kernel's watch runs this call on one side or the other, timed
         if elements >= decided[0] or (elements >= decided[2] and _busy(tensor.device)):
             return None
         return decided[1]
@@ -151,19 +174,52 @@ def router(key: str, lifted: bool) -> Callable:
     return route
 
 
+def _measuring(key: str, elements: int, device) -> bool:
+    """Whether this call of `key`, outside its measured range, is handed to calibration (module docstring);
+    False where calibration must not run now: then it routes by the prior."""
+    if not _routing.calibrate or _deterministic() or _capturing(device):
+        return False
+    calibration.ask(key, elements, calibration.DEVICE_BOUND if _busy(device) else calibration.LAUNCH_BOUND)
+    return True
+
+
+def _capturing(device) -> bool:
+    capturing = getattr(getattr(sys.modules["torch"], device.type, None), "is_current_stream_capturing", None)
+    try:
+        return bool(capturing()) if capturing is not None else False
+    except Exception:  # a vendor module that can't answer: take it as capturing (nothing is measured)
+        return True
+
+
 def _decide(key: str, lifted: bool, device) -> Entry:
     """The entry of `key` for rows lifted or not, looking the profile up if needed."""
-    decided = _entry(resolve(device).profile, key, lifted)
+    decided = _entry(resolve(device), key, lifted)
     _watch_compiles()
     with _routing.lock:
         _routing.tables[lifted][key] = decided
     return decided
 
 
-def _entry(profile: profiles.Profile | None, key: str, lifted: bool) -> Entry:
-    if profile is None:
-        return entry(0, SMALL_INPUT)  # no profile: FlagGems at every size, compiled or not
+def _entry(lookup: profiles.Lookup, key: str, lifted: bool) -> Entry:
+    """The entry of `key` (rows lifted or not) from the lookup, the checks and what calibration learned."""
+    if verification.failed(key) is not None:
+        return entry(NATIVE, NOT_VERIFIED)  # wrong numbers: native, lifted or not, compiled or not
+    profile = lookup.profile
+    if lookup.off:
+        return entry(0, SMALL_INPUT)  # FL_PATCH_PROFILE=off: FlagGems at every size
+    if profile is None or (profile.calibrated and key not in profile.forms):
+        if lifted:
+            return entry(0, SMALL_INPUT)  # named by the user: FlagGems at every size
+        measured = NONE_MEASURED if key in calibration.calibrated_keys() else EVERY_SIZE
+        return prior(lookup.borrowed, key, measured)
     decision = profile.decision(key)
+    measured = EVERY_SIZE
+    if profile.calibrated and key in calibration.calibrated_keys():
+        measured = calibration.state(key).measured_range() or NONE_MEASURED
+    return _from_decision(decision, lifted, measured)
+
+
+def _from_decision(decision: profiles.Decision, lifted: bool, measured: tuple[int, int] = EVERY_SIZE) -> Entry:
     compiled = _compiled(decision.compiled, lifted)
     if decision.route == "native":
         if lifted:
@@ -173,7 +229,34 @@ def _entry(profile: profiles.Profile | None, key: str, lifted: bool) -> Entry:
         threshold, reason = decision.min_elements, SMALL_INPUT
     bound = decision.device_bound
     busy_threshold = bound.min_elements if bound is not None and bound.route == "gems" else NATIVE
-    return entry(threshold, reason, busy_threshold, compiled)
+    return entry(threshold, reason, busy_threshold, compiled, measured)
+
+
+def prior(borrowed: profiles.Profile | None, key: str, measured: tuple[int, int] = EVERY_SIZE) -> Entry:
+    """What a key nobody measured on this device gets: native in the launch-bound regime and under compile;
+    FlagGems while the device is busy only from the device-bound threshold of a `borrowed` profile (same vendor,
+    type and architecture: where FlagGems' device time is known to win)."""
+    busy_threshold = NATIVE
+    bound = borrowed.decision(key).device_bound if borrowed is not None else None
+    if bound is not None and bound.route == "gems":
+        busy_threshold = bound.min_elements
+    return entry(NATIVE, NOT_MEASURED, busy_threshold, (NATIVE, NOT_MEASURED), measured)
+
+
+def _learned(key: str, decision: dict) -> None:
+    """Calibration's callback: install `key`'s new decision for rows that are not lifted."""
+    parsed = profiles.decision_from(decision, f"calibrated decision of {key}")
+    measured = calibration.state(key).measured_range() or NONE_MEASURED
+    with _routing.lock:
+        if verification.failed(key) is None:
+            _routing.tables[False][key] = _from_decision(parsed, False, measured)
+
+
+def _keep_native(key: str, why: str) -> None:
+    """Verification's callback: `key` returned wrong numbers on this device; native from now on, lifted or not."""
+    with _routing.lock:
+        for table in _routing.tables.values():
+            table[key] = entry(NATIVE, NOT_VERIFIED)
 
 
 def _compiled(decision: profiles.Decision | None, lifted: bool) -> tuple[int, str]:
@@ -256,8 +339,8 @@ def _resolve_for_compile(*_args) -> None:
         device = environment.first_device(initialized_only=True)
         if device is None:
             return
-        profile = resolve(device).profile
-        entries = {lifted: {key: _entry(profile, key, lifted) for key in keys} for lifted in (False, True)}
+        lookup = resolve(device)
+        entries = {lifted: {key: _entry(lookup, key, lifted) for key in keys} for lifted in (False, True)}
         with _routing.lock:
             for lifted, table in entries.items():
                 for key, decided in table.items():
@@ -281,10 +364,29 @@ def resolve(device) -> profiles.Lookup:
     info = devices.identify(device)
     lookup = profiles.find(info, _routing.setting)
     with _routing.lock:
-        if _routing.lookup is None:
-            _routing.lookup, _routing.device = lookup, info
-            _say(lookup, info)
-        return _routing.lookup
+        if _routing.lookup is not None:
+            return _routing.lookup
+        _routing.lookup, _routing.device = lookup, info
+        _say(lookup, info)
+    _start_learning(lookup, info)
+    return lookup
+
+
+def _start_learning(lookup: profiles.Lookup, info) -> None:
+    """Start verification (always, with the gems kernels) and calibration (where allowed and no measured profile
+    was found) for this process's device."""
+    if _routing.kernels != "gems":
+        return
+    from fl_patch.versions import installed_version
+
+    versions = {"fl_patch": installed_version("fl_patch"), "torch": installed_version("torch"),
+                "flag_gems": installed_version("flag-gems")}
+    name = profiles.file_name(info.as_dict(), versions["flag_gems"])
+    verification.start(profiles.cache_dir() / "checks" / name, versions, info.label(), _keep_native)
+    profile = lookup.profile
+    if _routing.calibrate and (profile is None or profile.calibrated):
+        known = calibration.points_of(profile.data) if profile is not None else {}
+        calibration.start(profiles.calibrated_dir() / name, info.as_dict(), versions, known, _learned)
 
 
 def _say(lookup: profiles.Lookup, info) -> None:
@@ -295,12 +397,18 @@ def _say(lookup: profiles.Lookup, info) -> None:
     for problem in problems:
         log.warning("fl_patch: %s; passed over", problem)
     if lookup.profile is None and not lookup.off:
-        log.info("fl_patch: %s", no_profile_message(info))
+        log.info("fl_patch: %s", no_profile_message(info, lookup.borrowed))
 
 
-def no_profile_message(info) -> str:
-    return (f"no profile for {info.label()}: every family runs FlagGems at every size; `fl-patch tune` measures "
-            "this device and writes one")
+def no_profile_message(info, borrowed: profiles.Profile | None = None) -> str:
+    prior_words = "native until measured"
+    if borrowed is not None:
+        prior_words += (f" (FlagGems while the device is busy where {borrowed.device.get('name')}'s profile, "
+                        "borrowed, measured it faster)")
+    learning = ("calibrating on this program's calls" if _routing.calibrate
+                else "not calibrating (FL_PATCH_CALIBRATE=0, FL_PATCH_PROFILE set or not the gems kernels)")
+    return (f"no profile for {info.label()}: {learning}, {prior_words}; `fl-patch tune` measures this device "
+            "in full and writes one")
 
 
 def describe() -> dict:
@@ -319,10 +427,12 @@ def describe() -> dict:
         return {"state": "not looked up yet", "summary": "profile: looked up at the first FlagGems call on a device",
                 "setting": setting}
     out = {"device": info.as_dict(), "searched": lookup.searched, "problems": lookup.problems,
-           "lifted_families": lifted}
+           "lifted_families": lifted, "calibration": calibration.describe(), "verification": verification.describe()}
+    if lookup.borrowed is not None:
+        out["borrowed"] = {"path": lookup.borrowed.path, "made_on": lookup.borrowed.device}
     profile = lookup.profile
     if profile is None:
-        return {**out, "state": "none", "summary": f"profile: {no_profile_message(info)}"}
+        return {**out, "state": "none", "summary": f"profile: {no_profile_message(info, lookup.borrowed)}"}
     installed = {"torch": installed_version("torch"), "flag_gems": installed_version("flag-gems")}
     stale = profile.stale_reasons(installed)
     made_on = profile.device.get("name")

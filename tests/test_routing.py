@@ -500,10 +500,13 @@ def test_under_compile_a_native_compiled_decision_holds_unless_lifted(stand_in_d
     assert compiled_routes([1 << 20], lifted=True) == [None]
 
 
-def test_under_compile_with_no_profile_flag_gems_runs_as_eagerly(stand_in_device, monkeypatch):
+def test_under_compile_with_no_profile_the_originals_stay_and_a_lifted_row_runs_flag_gems(stand_in_device,
+                                                                                         monkeypatch):
     monkeypatch.setattr(environment, "first_device", lambda initialized_only=False: torch.device("cpu"))
     fl_patch.apply(kernels="gems")
-    assert compiled_routes([64]) == [None]
+    assert compiled_routes([64]) == [gems.NOT_MEASURED]  # the prior: nothing measured under compile
+    fl_patch.apply(kernels="gems", include=["rms_norm"])
+    assert compiled_routes([64], lifted=True) == [None]
 
 
 def test_a_profile_with_a_broken_compiled_entry_is_refused_naming_the_field(tmp_path):

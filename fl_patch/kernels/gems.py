@@ -100,7 +100,10 @@ HALF_DTYPE_NAMES = ("torch.float16", "torch.bfloat16")
 UNUSABLE = "flag_gems unusable"  # FlagGems was tried and can't be imported: every gems call runs the original
 SMALL_INPUT = "small input"  # below the size this device's profile sends to FlagGems (fl_patch.routing)
 PROFILE_NATIVE = "native by profile"  # this device's profile keeps the call's family native at every size
-NATIVE_ROUTES = (SMALL_INPUT, PROFILE_NATIVE)  # reasons of calls routed away for speed, not because of a limit
+NOT_MEASURED = "native until measured"  # no measured profile: the prior (fl_patch.routing.prior)
+NOT_VERIFIED = "native: FlagGems' result differed"  # first-use verification failed here (fl_patch.verification)
+# Reasons of calls routed to the native path for speed or trust, not because of a limit of the kernel.
+NATIVE_ROUTES = (SMALL_INPUT, PROFILE_NATIVE, NOT_MEASURED, NOT_VERIFIED)
 _dtype_reasons: dict = {}
 
 
