@@ -58,6 +58,9 @@ PARTS = ("prefill", "decode", "compile", "train")
 # fl_patch's hand-written routing table before device profiles, kept as a profile to compare with in the same run.
 HAND_TABLE = Path(__file__).resolve().parent / "hand_table_profile.json"
 PROFILES_SEEN: dict[str, str] = {}  # fl_patch variant -> the profile it routed by (fl_patch.routing.summary_line)
+# fl_patch variant -> per routing key, calls calibration timed in this process and the decision it reached
+CALIBRATION_SEEN: dict[str, dict] = {}
+TUNED_PROFILE = ""  # --tuned-profile: a `fl-patch tune` profile, run as variant fl_patch_tuned beside fl_patch
 
 
 class Timer:
@@ -106,6 +109,8 @@ def variants(kernels: str, quick: bool, model):
             ("fl_patch_hand", lambda: fl_patch.patched(kernels=kernels, profile=str(HAND_TABLE))),
             ("fl_patch_off", lambda: fl_patch.patched(kernels=kernels, profile="off")),
             ("fl_patch_all", lambda: fl_patch.patched(kernels=kernels, include=everything))]
+    if TUNED_PROFILE:
+        rows.append(("fl_patch_tuned", lambda: fl_patch.patched(kernels=kernels, profile=TUNED_PROFILE)))
     rows += [(f"fl_patch_all-{family}",
               (lambda f=family: fl_patch.patched(kernels=kernels, include=[x for x in everything if x != f])))
              for family in FAMILIES]
@@ -234,6 +239,12 @@ def measure_shapes(model, name, context, timer, shapes, vocab, device, reference
             from fl_patch import routing
 
             PROFILES_SEEN[name] = routing.summary_line()
+            learned = routing.describe().get("calibration", {}).get("keys", {})
+            if learned:
+                CALIBRATION_SEEN[name] = {key: {"timed_calls": v["timed_calls"], "measuring": v["measuring"],
+                                                "route": v.get("decision", {}).get("route"),
+                                                "min_elements": v.get("decision", {}).get("min_elements")}
+                                          for key, v in learned.items()}
         if compiled:
             out["dynamo"] = dynamo_counts()
             if saved is not None:
@@ -490,7 +501,11 @@ def main() -> None:
     parser.add_argument("--name", default="e2e", help="file name stem of the outputs (default e2e)")
     parser.add_argument("--combine", nargs="+", metavar="JSON",
                         help="no run: merge these result files into <out>/<name>.json/.md and draw the charts")
+    parser.add_argument("--tuned-profile", default="", metavar="JSON",
+                        help="also run variant fl_patch_tuned, routed by this `fl-patch tune` profile")
     args = parser.parse_args()
+    global TUNED_PROFILE
+    TUNED_PROFILE = args.tuned_profile
     if args.combine:
         combine(args.combine, Path(args.out), args.name)
         return
@@ -525,6 +540,7 @@ def main() -> None:
         def save(result, name=name):  # after each variant: a run cut short keeps what it measured
             results["models"][name] = result
             results["profiles"] = PROFILES_SEEN
+            results["calibration"] = CALIBRATION_SEEN
             (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
 
         run_model(name, args, device, dtype, kernels, save)

@@ -21,9 +21,9 @@ beyond noise and stays within noise at every larger measured size, else native. 
 or its device time, whichever is longer, in the launch-bound regime, and its device time in the device-bound one.
 
 Calls whose size lies within the measured range then route by the decision's thresholds at the cost of any
-profile (:func:`fl_patch.routing.router`); a size outside it is measured when it comes. A key without an entry in
-:data:`NATIVES` (no native path with the kernel's signature: the loss, varlen attention) is not calibrated and
-keeps the prior.
+profile (:func:`fl_patch.routing.router`); a size outside it is measured when it comes. Only the keys of
+:func:`calibrated_keys` are calibrated; the others keep the prior until ``fl-patch tune`` measures them
+(:data:`NOT_CALIBRATED` says why for each).
 
 Persistence: each new point is merged into ``<cache>/calibrated/<device file>.json`` (a profile marked
 ``"calibrated"``, with every point and how many timed calls each side rests on) under an exclusive file lock,
@@ -96,11 +96,23 @@ def native(key: str) -> Callable | None:
     return _natives_cache.get(key)
 
 
+# Routing keys calibration leaves to the prior, and why: measuring them on live calls would cost the program more
+# than a few percent of its first seconds, or there is no native path with the kernel's signature to time against.
+NOT_CALIBRATED = {
+    "linear.linear": "FlagGems' GEMM autotunes per token count (2.6 s a new count on an H200): measuring it on the "
+                     "program's calls would cost seconds per new size",
+    "linear.in_out": "as linear.linear",
+    "attention.sdpa": "FlagGems' attention lost to torch's at every measured size on the H200, and a new sequence "
+                      "length may compile or tune anew: left to `fl-patch tune`",
+    "attention.varlen": "no native path with the kernel's signature (LightX2V's varlen calls)",
+    "cross_entropy.loss": "the native loss takes num_items_in_batch in transformers' own code, not the kernel's",
+}
+
+
 def calibrated_keys() -> tuple[str, ...]:
-    """The routing keys calibration can measure (the others keep the prior)."""
+    """The routing keys calibration measures (the others keep the prior: :data:`NOT_CALIBRATED`)."""
     return ("rms_norm.hf", "rms_norm.gemma", "rms_norm.fp32", "rms_norm.gated", "rms_norm.torch", "rope.hf",
-            "rope.interleaved", "swiglu.swiglu", "layer_norm.layer_norm", "linear.linear", "linear.in_out",
-            "attention.sdpa")
+            "rope.interleaved", "swiglu.swiglu", "layer_norm.layer_norm")
 
 
 def bucket_of(elements: int) -> int:

@@ -105,6 +105,11 @@ def status(as_json: bool) -> int:
                 f" ({entry['lifted']})" if "lifted" in entry else ""))
             for form, own in entry.get("forms", {}).items():
                 print(f"      {form:<9} {_route_words(own)}: {own['why']}")
+        if profile.get("device") is not None:
+            from fl_patch import routing
+
+            for line in routing.learning_lines(profile):
+                print(f"    {line}")
         for line in warnings:
             print(f"  warning: {line}")
         print(reporting.format_table(records))

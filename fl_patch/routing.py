@@ -464,3 +464,24 @@ def _families(profile: profiles.Profile, lifted: list[str]) -> dict:
 def summary_line() -> str:
     """One line for the report: the profile in force, or why there is none."""
     return describe()["summary"]
+
+
+def learning_lines(info: dict | None = None) -> list[str]:
+    """What this device learned, for people (``fl-patch status``, the report): per routing key its calibrated
+    decision and how many timed calls it rests on, the sizes still being measured, and every key kept native
+    because FlagGems' result differed. `info`: :func:`describe`'s (looked up now when None)."""
+    info = describe() if info is None else info
+    lines = []
+    for key, learned in info.get("calibration", {}).get("keys", {}).items():
+        decision = learned.get("decision")
+        if decision is not None:
+            measured = decision["measured"]
+            words = profiles.route_words(decision["route"], decision["min_elements"], decision.get("device_bound"))
+            lines.append(f"calibrated {key}: {words} (from {learned['timed_calls']} timed calls, "
+                         f"{measured['min_elements']}..{measured['max_elements']} elements)")
+        for cell in learned.get("measuring", []):
+            lines.append(f"measuring {key}: {cell}")
+    for key, checked in info.get("verification", {}).items():
+        if "failed" in checked:
+            lines.append(f"kept native {key}: {checked['failed']}")
+    return lines

@@ -383,7 +383,10 @@ def kernel_failed(rec: reporting.Record, exc: Exception) -> str:
 
 def report_text() -> str:
     """The report as text: the summary, the device profile in force (or why none), every record."""
-    notes = (routing.summary_line(),) if _state.settings is not None and _state.settings.kernels == "gems" else ()
+    notes = ()
+    if _state.settings is not None and _state.settings.kernels == "gems":
+        info = routing.describe()
+        notes = (info["summary"], *routing.learning_lines(info))
     return reporting.format_table(records(), notes)
 
 

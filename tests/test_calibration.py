@@ -17,7 +17,6 @@ import torch.nn.functional as F
 import fl_patch
 from fl_patch import calibration, devices, profiles, routing, verification
 from fl_patch.kernels import gems
-from fl_patch.kernels import rms_norm as rms_kernels
 
 DEVICE = devices.DeviceInfo(vendor="nvidia", type="cuda", name="NVIDIA H100 80GB HBM3", index=0, capability="9.0")
 KEY = "rms_norm.torch"  # F.rms_norm's row: its native path is torch.rms_norm
@@ -331,3 +330,17 @@ def test_verification_on_a_model_keeps_logits_equal_to_unpatched(device, fake_ge
     torch.testing.assert_close(patched, unpatched, atol=0.05, rtol=0.02)
     assert "rms_norm.hf" in routing.describe()["verification"]
     assert routing.describe()["verification"]["rms_norm.hf"]["failed"]
+
+
+def test_the_report_and_status_say_what_was_learned_and_what_is_kept_native(device, fake_gems, costs, monkeypatch):
+    from fl_patch import runtime
+
+    costs.update(gems=5e-6, native=20e-6)
+    fl_patch.apply(kernels="gems", exclude=["attention", "linear"])
+    run_until_decided(16)
+    call(1)  # a new size: being measured
+    text = runtime.report_text()
+    assert f"calibrated {KEY}: gems (from {2 * calibration.SAMPLES} timed calls" in text
+    assert f"measuring {KEY}: 64+ elements, launch-bound: 1+0 calls" in text
+    monkeypatch.setitem(verification.checks(KEY).__dict__, "failed", "FlagGems' x differs")
+    assert f"kept native {KEY}: FlagGems' x differs" in runtime.report_text()

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# What a chip nobody measured gets: bench_e2e in fresh processes with no profile anywhere (the shipped ones moved
+# aside, an empty user cache), so fl_patch starts from the prior and calibrates on the benchmark's own calls.
+#
+#   bash benchmarks/untuned_device.sh OUT_DIR [first|second|tuned]   (GPU; default: first and second)
+#
+# first:  a fresh process on an empty cache: it calibrates while it runs (its JSON says how many calls each key
+#         took, under "calibration").
+# second: a fresh process on the cache the first one left: it starts calibrated.
+# tuned:  `fl-patch tune` into OUT_DIR/tuned.json, then a process with both fl_patch (calibrated) and
+#         fl_patch_tuned (routed by that profile) in the same run.
+# The user cache is OUT_DIR/cache (XDG_CACHE_HOME), so a later call can carry it back.
+set -euo pipefail
+out=${1:?usage: untuned_device.sh OUT_DIR [first|second|tuned]}
+steps=${2:-first,second}
+here=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$out/cache"
+export XDG_CACHE_HOME="$out/cache" PYTHONUNBUFFERED=1
+aside="$here/fl_patch/profiles.aside"
+if compgen -G "$here/fl_patch/profiles/*.json" > /dev/null; then
+  mkdir -p "$aside" && mv "$here"/fl_patch/profiles/*.json "$aside"/
+fi
+trap 'mv "$aside"/*.json "$here/fl_patch/profiles/" 2>/dev/null; rmdir "$aside" 2>/dev/null || true' EXIT
+bench=(python "$here/benchmarks/bench_e2e.py" --models llama,qwen3 --parts prefill,decode --rounds 2 --out "$out")
+for step in ${steps//,/ }; do
+  echo "== $step $(date -u +%H:%M:%S)"
+  case $step in
+    first) "${bench[@]}" --variants hf_sdpa,fl_patch,liger --name untuned_first ;;
+    second) "${bench[@]}" --variants hf_sdpa,fl_patch --name untuned_second ;;
+    tuned)
+      python -m fl_patch tune --out "$out/tuned.json" 2>&1 | tail -n 25
+      "${bench[@]}" --variants hf_sdpa,fl_patch,fl_patch_tuned,liger --tuned-profile "$out/tuned.json" --name untuned_tuned ;;
+    *) echo "unknown step $step; accepted: first, second, tuned" >&2; exit 2 ;;
+  esac
+done
