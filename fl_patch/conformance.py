@@ -171,7 +171,14 @@ class Check:
             self._add(section.pop("cases"))
             print(global_check.summary(section), flush=True)
         self.write()
+        certified = None
+        if self.provider == "gems" and self.device.type != "cpu":
+            from fl_patch import verification
+
+            certified = verification.certify(self.header["device"], self.cases)
         counts = self.counts()
+        if certified is not None:
+            print(f"fl-patch check: verdicts per form and dtype kept for first-use verification in {certified}")
         print(f"fl-patch check: {counts['cases']} cases, {counts['pass']} pass, {counts['fail']} fail, "
               f"{counts['not taken']} not taken ({time.monotonic() - self.started:.1f} s)"
               + (f"; wrote {self.json_path}" if self.json_path else ""), flush=True)

@@ -377,10 +377,7 @@ def _start_learning(lookup: profiles.Lookup, info) -> None:
     was found) for this process's device."""
     if _routing.kernels != "gems":
         return
-    from fl_patch.versions import installed_version
-
-    versions = {"fl_patch": installed_version("fl_patch"), "torch": installed_version("torch"),
-                "flag_gems": installed_version("flag-gems")}
+    versions = verification.stack()
     name = profiles.file_name(info.as_dict(), versions["flag_gems"])
     verification.start(profiles.cache_dir() / "checks" / name, versions, info.label(), _keep_native)
     profile = lookup.profile

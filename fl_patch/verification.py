@@ -10,9 +10,12 @@ a relative tolerance of the dtype and twice the native path's own error).
   show it. A FlagGems that returns wrong numbers never reaches the user's tensors.
 
 What skips it: a pass recorded in the checks cache (``<cache>/checks/<device file>.json``) for the same
-torch and flag_gems releases. Where it can't run, it does not guess: while a CUDA graph is captured (a comparison
-reads the device) an unverified call runs the native path; under torch.compile the kernel is traced as it is
-(verify in eager first, e.g. with one eager forward or ``fl-patch check``).
+torch and flag_gems releases: by an earlier process's verification, or by ``fl-patch check`` on this device
+(:func:`certify`; a form it fails stays native there too).
+
+Where it can't run, it does not guess: while a CUDA graph is captured (a comparison reads the device) an
+unverified call runs the native path; under torch.compile the kernel is traced as it is (verify in eager first,
+e.g. with one eager forward or ``fl-patch check``).
 """
 
 from __future__ import annotations
@@ -172,39 +175,76 @@ def describe() -> dict:
 # ------------------------------------------------------------------------------------------ persistence
 
 
-def _read(path: Path, versions: dict) -> dict[str, dict]:
-    """Recorded verdicts of the same torch and flag_gems releases ({} when none, or unreadable)."""
+def _same_releases(made, versions: dict) -> bool:
+    """Whether verdicts made with `made` versions hold for `versions`: the same torch and flag_gems releases."""
     from fl_patch.versions import release
 
+    if not isinstance(made, dict):
+        return False
+    return all(release(str(made.get(name))) == release(str(versions.get(name))) for name in ("torch", "flag_gems"))
+
+
+def _read(path: Path, versions: dict) -> dict[str, dict]:
+    """Recorded verdicts of the same torch and flag_gems releases ({} when none, or unreadable)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     if not isinstance(data, dict) or not isinstance(data.get("checks"), dict):
         return {}
-    made = data.get("versions") or {}
-    for name in ("torch", "flag_gems"):
-        if versions.get(name) and made.get(name) and release(versions[name]) != release(made[name]):
-            return {}
+    if not _same_releases(data.get("versions"), versions):
+        return {}
     return {key: by_dtype for key, by_dtype in data["checks"].items() if isinstance(by_dtype, dict)}
 
 
-def _record(key: str, dtype_name: str, result: dict) -> None:
-    """Merge one verdict into the checks cache (atomically, under the calibration's file lock). Never raises."""
+def stack() -> dict:
+    """The versions a verdict holds for: torch's and flag_gems' (another release of either is checked anew)."""
+    from fl_patch.versions import stack_versions
+
+    return {name: version for name, version in stack_versions().items() if name in ("torch", "flag_gems")}
+
+
+def certify(device: dict, cases: list[dict]) -> Path | None:
+    """``fl-patch check``'s verdicts of the FlagGems kernels on a device, per routing key and dtype, into that
+    device's checks cache: a key and dtype whose every case passed is certified (first-use verification skips
+    it), one with a failed case stays native there. Returns the file written, or None."""
+    from fl_patch import profiles
+
+    verdicts: dict[tuple[str, str], dict] = {}
+    for case in cases:
+        if ".gems" not in case.get("target", "") or "dtype" not in case or case["verdict"].startswith("not taken"):
+            continue
+        where = (f"{case['family']}.{case['form']}", case["dtype"])
+        if where not in verdicts or not case["verdict"].startswith("pass"):
+            verdicts[where] = {"verdict": PASS if case["verdict"].startswith("pass") else case["verdict"],
+                               "shape": case.get("shape", ""), "by": "fl-patch check",
+                               **{k: case[k] for k in ("max_error", "tolerance") if k in case}}
+    versions = stack()
+    path = profiles.cache_dir() / "checks" / profiles.file_name(device, versions.get("flag_gems"))
+    for (key, dtype_name), result in sorted(verdicts.items()):
+        _record(key, dtype_name, result, path, versions)
+    return path if verdicts else None
+
+
+def _record(key: str, dtype_name: str, result: dict, path: Path | None = None, versions: dict | None = None) -> None:
+    """Merge one verdict into the checks cache (atomically, under the calibration's file lock): this process's
+    file unless `path` and `versions` are given. Never raises."""
     from fl_patch import calibration
 
-    with _ver.lock:
-        path, versions = _ver.path, dict(_ver.versions)
+    if path is None:
+        with _ver.lock:
+            path, versions = _ver.path, dict(_ver.versions)
     if path is None:
         return
-    kept = {k: v for k, v in result.items() if k in ("verdict", "max_error", "tolerance", "original_error", "shape")}
+    kept = {k: v for k, v in result.items()
+            if k in ("verdict", "max_error", "tolerance", "original_error", "shape", "by")}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with calibration.locked(path.with_suffix(path.suffix + ".lock")):
             data = {}
             with contextlib.suppress(OSError, ValueError):
                 data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict) or data.get("versions") != versions:
+            if not isinstance(data, dict) or not _same_releases(data.get("versions"), versions):
                 data = {"kind": "fl_patch.checks", "versions": versions, "checks": {}}
             data.setdefault("checks", {}).setdefault(key, {})[dtype_name] = kept
             calibration.write_atomically(path, json.dumps(data, indent=1) + "\n")

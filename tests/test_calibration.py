@@ -84,7 +84,7 @@ def record(where="torch.nn.functional.rms_norm"):
 
 def calibrated_file(tmp_path):
     return profiles.calibrated_dir({"XDG_CACHE_HOME": str(tmp_path / "cache")}) / profiles.file_name(
-        DEVICE.as_dict(), None)
+        DEVICE.as_dict(), verification.stack()["flag_gems"])
 
 
 def apply_rms():
@@ -344,3 +344,25 @@ def test_the_report_and_status_say_what_was_learned_and_what_is_kept_native(devi
     assert f"measuring {KEY}: 64+ elements, launch-bound: 1+0 calls" in text
     monkeypatch.setitem(verification.checks(KEY).__dict__, "failed", "FlagGems' x differs")
     assert f"kept native {KEY}: FlagGems' x differs" in runtime.report_text()
+
+
+def test_fl_patch_check_certifies_forms_and_keeps_a_failed_one_native(device, fake_gems):
+    cases = [
+        {"family": "rms_norm", "form": "torch", "dtype": "bfloat16", "target": "fl_patch.kernels.rms_norm.gems_torch",
+         "verdict": "pass", "shape": "x 4x64", "max_error": 0.0, "tolerance": 1.0},
+        {"family": "rope", "form": "hf", "dtype": "bfloat16", "target": "fl_patch.kernels.rope.gems_hf",
+         "verdict": "pass", "shape": "small"},
+        {"family": "rope", "form": "hf", "dtype": "bfloat16", "target": "fl_patch.kernels.rope.gems_hf",
+         "verdict": "fail: output 0 error 3 > tolerance 0.1", "shape": "large"},
+        {"family": "rope", "form": "hf", "dtype": "bfloat16", "target": "fl_patch.kernels.rope.reference_hf",
+         "verdict": "pass", "shape": "large"},
+    ]
+    path = verification.certify(DEVICE.as_dict(), cases)
+    recorded = json.loads(path.read_text())["checks"]
+    assert recorded["rms_norm.torch"]["bfloat16"]["verdict"] == "pass"
+    assert recorded["rope.hf"]["bfloat16"]["verdict"].startswith("fail") and "large" in str(recorded["rope.hf"])
+    fl_patch.apply(kernels="gems", include=["torch.rms_norm"])
+    call(4)  # certified: FlagGems, no verifying call of the native path
+    assert gems_calls(fake_gems) == 1 and verification.describe()["rms_norm.torch"]["results"]["bfloat16"][
+        "by"] == "fl-patch check"
+    assert verification.failed("rope.hf") is not None
