@@ -165,22 +165,31 @@ def router(key: str, lifted: bool) -> Callable:
         if decided is None:
             decided = _decide(key, lifted, tensor.device)
         elements = tensor.numel()
-        if (elements < decided[5] or elements > decided[6]) and _measuring(key, elements, tensor.device):
+        if (elements < decided[5] or elements > decided[6]) and _measuring(key, tensor):
             return None  # the kernel's watch runs this call on one side or the other, timed
-        if elements >= decided[0] or (elements >= decided[2] and _busy(tensor.device)):
+        if elements >= decided[0] or (elements >= decided[2] and not _recording(tensor) and _busy(tensor.device)):
             return None
         return decided[1]
 
     return route
 
 
-def _measuring(key: str, elements: int, device) -> bool:
+def _measuring(key: str, tensor) -> bool:
     """Whether this call of `key`, outside its measured range, is handed to calibration (module docstring);
     False where calibration must not run now: then it routes by the prior."""
-    if not _routing.calibrate or _deterministic() or _capturing(device):
+    device = tensor.device
+    if not _routing.calibrate or _recording(tensor) or _deterministic() or _capturing(device):
         return False
-    calibration.ask(key, elements, calibration.DEVICE_BOUND if _busy(device) else calibration.LAUNCH_BOUND)
+    regime = calibration.DEVICE_BOUND if _busy(device) else calibration.LAUNCH_BOUND
+    calibration.ask(key, tensor.numel(), regime)
     return True
+
+
+def _recording(tensor) -> bool:
+    """Whether autograd records this call. Its path must then depend on nothing but its size and what was decided
+    before: gradient checkpointing runs the forward again in the backward and requires the same ops to save the
+    same tensors, so neither the device's business nor calibration's turn may choose it."""
+    return tensor.requires_grad and sys.modules["torch"].is_grad_enabled()
 
 
 def _capturing(device) -> bool:

@@ -366,3 +366,15 @@ def test_fl_patch_check_certifies_forms_and_keeps_a_failed_one_native(device, fa
     assert gems_calls(fake_gems) == 1 and verification.describe()["rms_norm.torch"]["results"]["bfloat16"][
         "by"] == "fl-patch check"
     assert verification.failed("rope.hf") is not None
+
+
+def test_calls_autograd_records_are_never_measured_nor_routed_by_the_device_business(device, fake_gems, costs,
+                                                                                   monkeypatch):
+    """Gradient checkpointing recomputes the forward and needs each call to take the same path again."""
+    fl_patch.apply(kernels="gems", exclude=["attention", "linear"])
+    monkeypatch.setattr(routing, "_busy", lambda d: True)
+    for _ in range(20):
+        x = x_of(16).requires_grad_()
+        F.rms_norm(x, (64,), torch.ones(64, dtype=torch.bfloat16), 1e-6).sum().backward()
+    assert calibration.state(KEY).calls == 0 and gems_calls(fake_gems) == 0
+    assert record()["fallbacks"] == {gems.NOT_MEASURED: 20}
