@@ -51,6 +51,8 @@ def _profile_name(profile: dict) -> str:
 
 
 def _routes(profile: dict) -> str:
+    if profile.get("state") == "none":
+        return "native until measured" + (", calibrating" if profile.get("calibrating") else "")
     words = []
     for family, entry in profile.get("families", {}).items():
         if entry["route"] == "native":

@@ -433,7 +433,8 @@ def describe() -> dict:
         return {"state": "not looked up yet", "summary": "profile: looked up at the first FlagGems call on a device",
                 "setting": setting}
     out = {"device": info.as_dict(), "searched": lookup.searched, "problems": lookup.problems,
-           "lifted_families": lifted, "calibration": calibration.describe(), "verification": verification.describe()}
+           "lifted_families": lifted, "calibrating": _routing.calibrate, "calibration": calibration.describe(),
+           "verification": verification.describe()}
     if lookup.borrowed is not None:
         out["borrowed"] = {"path": lookup.borrowed.path, "made_on": lookup.borrowed.device}
     profile = lookup.profile

@@ -484,7 +484,8 @@ def test_default_mm_keeps_its_2d_contract():
 # --------------------------------------------------------------------------- the FlagGems path (fake FlagGems)
 
 
-def test_gems_path_runs_every_family_and_counts_fp32_fallbacks(fake_gems):
+def test_gems_path_runs_every_family_and_counts_fp32_fallbacks(fake_gems, monkeypatch):
+    monkeypatch.setenv("FL_PATCH_PROFILE", "off")  # no routing: every family on FlagGems (no profile: the prior)
     reg = load(kernels="gems")
     kernel_free = {t.name for t in integration.TARGETS if t.kernel_free}  # the dit_quantized check runs no kernel
     assert {r["provider"] for r in lightx2v_records() if r["state"] == "patched" and r["target"] not in kernel_free
