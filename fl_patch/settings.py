@@ -49,6 +49,7 @@ class Settings:
     log_level: str = "WARNING"
     report_at_exit: bool = False
     profile: str | None = None  # FL_PATCH_PROFILE: None = look it up, "off", or a file / folder path
+    fast_launch: bool = True  # FL_PATCH_FAST_LAUNCH: FlagGems' hot kernels launched directly once bound
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,7 @@ OPTIONS = (
     Option("log_level", "FL_PATCH_LOG_LEVEL", "choice", LOG_LEVELS, if_bad="WARNING", if_bad_words="using WARNING"),
     Option("report_at_exit", "FL_PATCH_REPORT", "bool", if_bad=False, if_bad_words="no report at exit"),
     Option("profile", "FL_PATCH_PROFILE", "path"),
+    Option("fast_launch", "FL_PATCH_FAST_LAUNCH", "bool", if_bad=True, if_bad_words="the fast launch path stays on"),
 )
 BY_KEY = {option.key: option for option in OPTIONS}
 

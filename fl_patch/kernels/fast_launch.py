@@ -506,6 +506,12 @@ class _Site:
         self.lock = threading.Lock()
         self.public_calls: dict[str, int] = {}
 
+    def renew(self, public: Callable) -> None:
+        """Take `public` as the function from now on, dropping every signature of the one before."""
+        with self.lock:
+            if public is not self.public:
+                self.public, self.entries = public, {}
+
     def count(self, reason: str) -> None:
         calls = self.public_calls
         calls[reason] = calls.get(reason, 0) + 1
@@ -600,13 +606,17 @@ class _Site:
                 "public_calls": dict(self.public_calls)}
 
 
-def wrap(name: str, public: Callable) -> Callable:
-    """`public` (``flag_gems.<name>``) on the fast path: same arguments, same results, bitwise."""
-    site = _Site(name, public)
+def wrap(module, name: str) -> Callable:
+    """``module.<name>`` (a FlagGems function) on the fast path: same arguments, same results, bitwise. The
+    function is looked up on every call: when it changes (a patch, a vendor override), the signatures bound for
+    the old one are dropped."""
+    site = _Site(name, getattr(module, name))
     is_compiling = torch.compiler.is_compiling
-    entries = site.entries
 
     def fast(*args, **kwargs):
+        public = getattr(module, name)
+        if public is not site.public:
+            site.renew(public)
         if is_compiling():
             site.count(COMPILING)
             return public(*args, **kwargs)
@@ -614,7 +624,7 @@ def wrap(name: str, public: Callable) -> Callable:
         if key is None:
             site.count(reason)
             return public(*args, **kwargs)
-        entry = entries.get(key)
+        entry = site.entries.get(key)
         if type(entry) is _Plan:
             try:
                 out = entry.run(tensors)
@@ -638,9 +648,8 @@ class FastOps:
     def __init__(self, module):
         self.module = module
         for name in FUNCTIONS:
-            public = getattr(module, name, None)
-            if callable(public):
-                setattr(self, name, wrap(name, public))
+            if callable(getattr(module, name, None)):
+                setattr(self, name, wrap(module, name))
         _current["ops"] = self
 
     def __getattr__(self, name: str):
