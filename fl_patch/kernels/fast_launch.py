@@ -617,8 +617,7 @@ def wrap(module, name: str) -> Callable:
         public = getattr(module, name)
         if public is not site.public:
             site.renew(public)
-        if is_compiling():
-            site.count(COMPILING)
+        if is_compiling():  # not counted: inside a trace a counter would be replayed by every compiled call
             return public(*args, **kwargs)
         key, tensors, reason = signature(args, kwargs)
         if key is None:
@@ -642,14 +641,14 @@ def wrap(module, name: str) -> Callable:
 
 
 class FastOps:
-    """``flag_gems`` with the functions of :data:`FUNCTIONS` on the fast launch path; any other attribute is the
-    module's own."""
+    """``flag_gems`` with the functions named in `names` (default :data:`FUNCTIONS`) on the fast launch path; any
+    other attribute is the module's own."""
 
-    def __init__(self, module):
+    def __init__(self, module, names: tuple[str, ...] = FUNCTIONS):
         self.module = module
-        for name in FUNCTIONS:
-            if callable(getattr(module, name, None)):
-                setattr(self, name, wrap(module, name))
+        self.names = tuple(name for name in names if callable(getattr(module, name, None)))
+        for name in self.names:
+            setattr(self, name, wrap(module, name))
         _current["ops"] = self
 
     def __getattr__(self, name: str):
@@ -664,12 +663,7 @@ def stats() -> dict:
     signatures bound, calls launched directly, signatures left on the public function per reason, and public calls
     per reason."""
     ops = _current.get("ops")
-    functions = {}
-    if ops is not None:
-        for name in FUNCTIONS:
-            fast = ops.__dict__.get(name)
-            if fast is not None:
-                functions[name] = fast.site.stats()
+    functions = {name: ops.__dict__[name].site.stats() for name in ops.names} if ops is not None else {}
     return {"api": _api.name if _api is not None else None, "api_problem": _api_problem, "functions": functions}
 
 
