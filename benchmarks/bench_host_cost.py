@@ -253,9 +253,15 @@ def main(argv=None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         say("no CUDA device: use --dry-run")
         return 2
-    report = measure(args)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "host_cost_dry" if args.dry_run else "host_cost"
+    try:
+        report = measure(args)
+    except Exception as exc:  # FlagGems can't be imported, ...: say so in the JSON too
+        say(f"failed: {type(exc).__name__}: {exc}")
+        (args.out / f"{stem}.json").write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}",
+                                                           "traceback": traceback.format_exc()}))
+        return 1
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
     (args.out / f"{stem}.md").write_text(markdown(report))
     errors = sum("error" in row for row in report["rows"])

@@ -292,6 +292,16 @@ def test_launch_hooks_get_the_metadata_of_direct_launches(ops):
     assert seen[-1] == {"name": "scale_kernel", "stream": 7, "grid": (4, 1, 1)}
 
 
+def test_calls_traced_by_torch_compile_run_the_public_function_uncounted(ops):
+    def double_silu(a, b):
+        return ops.silu_and_mul(a, b) * 2
+
+    compiled = torch.compile(double_silu, backend="eager")
+    a, b = torch.randn(4, 32), torch.randn(4, 32)
+    assert torch.equal(compiled(a, b), fake_launch.silu_and_mul(a, b) * 2)
+    torch._dynamo.reset()
+
+
 def test_a_call_made_while_recording_is_public(ops, monkeypatch):
     inner = []
 

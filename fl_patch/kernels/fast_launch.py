@@ -19,11 +19,14 @@ strides, dtypes, devices and 16-byte alignment of the tensors, every other argum
 A recording binds only if the call did nothing but allocate, take views and launch Triton kernels on the current
 stream (a copy, a reduction or a fill in torch would be skipped by a direct launch), if every returned tensor was
 written by a launch, and if no pointer argument is a raw integer. Anything it can't bind runs the public function,
-counted per reason in :func:`stats`: calls that need autograd, calls while torch.compile traces, a CUDA graph
-capture before the signature is bound (recording never runs inside a capture), launches that differ from one call
-to the next (autotuning settles within the recordings; anything else is data-dependent), a Triton without the
-launcher API used here (detected once), and any exception while binding or launching (the signature then stays on
-the public function). A bound launch inside a CUDA graph capture is captured like any launch on that stream.
+counted per reason in :func:`stats`: calls that need autograd, a CUDA graph capture before the signature is bound
+(recording never runs inside a capture), launches that differ from one call to the next (autotuning settles within
+the recordings; anything else is data-dependent), a Triton without the launcher API used here (detected once), and
+any exception while binding or launching (the signature then stays on the public function). A bound launch inside
+a CUDA graph capture is captured like any launch on that stream. Calls made while torch.compile traces run the
+public function too, uncounted (a counter inside a trace would be replayed by every compiled call); fl_patch's
+kernels reach FlagGems through its custom ops there (``fl_patch.kernels.custom_ops``), whose real functions, run by
+the compiled graph, take this path.
 
 Thread safety: the signature table is read without a lock and changed under one; each thread records only its own
 launches. Counters are updated without a lock (exact for one thread, a lower bound otherwise), as
@@ -55,7 +58,6 @@ SCRATCH_STREAMS = 8  # streams per signature whose scratch tensors are kept for 
 # Reasons a call runs the public function (stable strings: counter keys).
 RECORDING = "first calls (recording)"
 AUTOGRAD = "autograd"
-COMPILING = "torch.compile tracing"
 CAPTURING = "cuda graph capture before binding"
 NESTED = "called while recording"
 FULL = "signature table full"
