@@ -340,6 +340,30 @@ RAW_SCALE = Kernel("raw_scale", [("out", "*fp"), ("x", "*fp"), ("n", "i32"), ("f
                                  ("BLOCK", "constexpr"), ("out_again", "*fp")], _raw_body)
 
 
+class TensorDescriptor:
+    """Triton's host-side tensor descriptor: an object that carries a tensor's address without being one."""
+
+    __module__ = "triton.tools.tensor_descriptor"
+
+    def __init__(self, base):
+        self.base = base
+
+
+def scale_by_descriptor(x, factor):
+    """A launch argument that holds a tensor inside an object (never taken for a constant)."""
+    out = torch.empty_like(x)
+    DESCRIPTOR_SCALE[x.numel(),](out, TensorDescriptor(x), x.numel(), factor, 1)
+    return out
+
+
+def _descriptor_body(grid, out, descriptor, n, factor, block):
+    _scale_body(grid, out, descriptor.base, n, factor, block)
+
+
+DESCRIPTOR_SCALE = Kernel("descriptor_scale", [("out", "*fp"), ("x", "tensordesc<fp32[16]>"), ("n", "i32"),
+                                               ("factor", "fp32"), ("BLOCK", "constexpr")], _descriptor_body)
+
+
 def scale_into_input(x, factor):
     """Returns one of its inputs (written in place): nothing fresh to return, never bound."""
     SCALE[x.numel(),](x, x, x.numel(), factor, 1)
@@ -347,10 +371,11 @@ def scale_into_input(x, factor):
 
 
 UNBOUND = ("autotuned_scale", "data_dependent_scale", "scale_with_torch_work", "scale_by_raw_pointer",
-           "scale_into_input")  # the functions besides FlagGems' (autotuned_scale binds, late)
+           "scale_by_descriptor", "scale_into_input")  # the functions besides FlagGems' (autotuned_scale binds, late)
 gems = SimpleNamespace(
     __name__="fake_launch.gems", rms_norm=rms_norm, rms_norm_forward=rms_norm_forward, silu_and_mul=silu_and_mul,
     apply_rotary_pos_emb=apply_rotary_pos_emb, layer_norm=layer_norm, autotuned_scale=autotuned_scale,
     data_dependent_scale=data_dependent_scale, scale_with_torch_work=scale_with_torch_work,
-    scale_by_raw_pointer=scale_by_raw_pointer, scale_into_input=scale_into_input,
+    scale_by_raw_pointer=scale_by_raw_pointer, scale_by_descriptor=scale_by_descriptor,
+    scale_into_input=scale_into_input,
 )

@@ -166,6 +166,7 @@ def test_launches_that_differ_between_calls_are_never_bound(ops, caplog):
 @pytest.mark.parametrize("name, reason", [
     ("scale_with_torch_work", "torch work in the call: aten.mul"),
     ("scale_by_raw_pointer", "raw pointer argument"),
+    ("scale_by_descriptor", "launch argument of type TensorDescriptor"),
     ("scale_into_input", "returns a tensor not allocated by the call"),
 ])
 def test_calls_a_direct_launch_would_get_wrong_are_never_bound(ops, name, reason):

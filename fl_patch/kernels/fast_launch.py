@@ -370,7 +370,7 @@ def _analyse(recording: _Recording, tensors: list, result, api: LaunchApi) -> tu
                 written.add(value.data_ptr())
             elif pointers[position] and value is not None:
                 raise Unbindable("raw pointer argument")
-            elif type(value) in SCALARS or type(value).__module__.startswith("triton"):
+            elif type(value) in SCALARS or type(value).__module__.startswith("triton.language"):  # dtypes, constexprs
                 sources.append(("const", type(value), value))
             else:
                 raise Unbindable(f"launch argument of type {type(value).__name__}")
