@@ -290,9 +290,13 @@ _tuned: set = set()
 
 
 def autotuned_scale(x, factor):
-    """An autotuned kernel: its first call per shape launches every config (benchmarks), later calls one."""
+    """An autotuned kernel: its first call per shape clears a benchmark buffer (as Triton's ``do_bench`` does) and
+    launches every config; later calls launch the chosen config."""
     out = torch.empty_like(x)
-    configs = (1, 2, 4) if x.shape not in _tuned else (2,)
+    configs = (2,)
+    if x.shape not in _tuned:
+        torch.empty(1024, device=x.device).zero_()
+        configs = (1, 2, 4)
     _tuned.add(x.shape)
     for block in configs:
         SCALE[x.numel(),](out, x, x.numel(), factor, block)

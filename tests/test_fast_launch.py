@@ -152,6 +152,22 @@ def test_autotuning_settles_within_the_recordings(ops, monkeypatch):
     assert stats(ops, "autotuned_scale")["fast_calls"] == 2
 
 
+def test_a_recording_that_cant_bind_lets_go_of_what_it_held():
+    """An autotuning call allocates benchmark buffers (256 MB each in Triton's do_bench) and clears them: once
+    torch work shows the call can't bind, its allocations and launches are no longer held."""
+    recording = fast_launch._Recording()
+    with fast_launch._torch_work_mode(recording):
+        kept = torch.empty(8)
+        torch.empty(1024).zero_()
+        torch.empty(16)
+    assert recording.torch_work == ["aten.zero_"] and recording.allocations == [] and kept.numel() == 8
+    fresh = fast_launch._Recording()
+    with fast_launch._torch_work_mode(fresh):
+        torch.empty(8)
+        torch.empty(4).view(2, 2)
+    assert fresh.torch_work == [] and [t.shape for t in fresh.allocations] == [(8,), (4,)]
+
+
 def test_launches_that_differ_between_calls_are_never_bound(ops, caplog):
     caplog.set_level(logging.INFO, "fl_patch")
     x = torch.randn(16)

@@ -193,7 +193,10 @@ def signature(args: tuple, kwargs: dict) -> tuple[tuple | None, list, str | None
 # ------------------------------------------------------------------------------------------------ recording
 
 class _Recording:
-    """What one public call did: its Triton launches, the tensors torch allocated, any other torch work."""
+    """What one public call did: its Triton launches, the tensors torch allocated, any other torch work.
+
+    Allocations are held until the call is analysed, so that no address is reused within it; once torch work is
+    seen (the call can't be bound) nothing more is held: an autotuning call's benchmark buffers are let go."""
 
     def __init__(self):
         self.launches: list[tuple] = []  # (kernel, launcher, grid, stream, function, packed, args)
@@ -201,8 +204,14 @@ class _Recording:
         self.torch_work: list[str] = []
 
     def launch(self, kernel, launcher, gx, gy, gz, stream, function, packed, metadata, enter, leave, *args):
-        self.launches.append((kernel, launcher, (gx, gy, gz), stream, function, packed, args))
+        if not self.torch_work:
+            self.launches.append((kernel, launcher, (gx, gy, gz), stream, function, packed, args))
         return launcher(gx, gy, gz, stream, function, packed, metadata, enter, leave, *args)
+
+    def work(self, name: str) -> None:
+        self.torch_work.append(name)
+        self.allocations.clear()
+        self.launches.clear()
 
 
 _local = threading.local()  # .recording: the _Recording of the public call this thread is running, if any
@@ -255,9 +264,10 @@ def _torch_work_mode(recording: _Recording):
             out = func(*args, **(kwargs or {}))
             name = func.overloadpacket.__name__
             if name in ALLOCATIONS:
-                recording.allocations.append(out)
+                if not recording.torch_work:
+                    recording.allocations.append(out)
             elif not (getattr(func, "is_view", False) or name in VIEWS or _is_query(func, out)):
-                recording.torch_work.append(f"{func.namespace}.{name}")
+                recording.work(f"{func.namespace}.{name}")
             return out
 
     return TorchWork()
