@@ -415,7 +415,10 @@ def test_gems_ops_is_the_fast_path_unless_switched_off(fake_gems, monkeypatch):
     gems.configure_fast_launch(None)
     assert gems.ops() is fake_gems
     fl_patch.apply(kernels="gems", include=["torch.rms_norm"], fast_launch=True)
-    assert isinstance(gems.ops(), fast_launch.FastOps)  # an explicit setting wins over the environment
+    fast = gems.ops()
+    assert isinstance(fast, fast_launch.FastOps)  # an explicit setting wins over the environment
+    fl_patch.apply(kernels="gems", include=["torch.rms_norm", "rope"], fast_launch=True)
+    assert gems.ops() is fast  # the same setting: what was bound stays bound
     fl_patch.apply(kernels="gems", include=["torch.rms_norm"])  # the environment again
     assert gems.ops() is fake_gems and "fast launch: off" in runtime.report_text()
     gems.configure_fast_launch(None)

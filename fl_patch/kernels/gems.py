@@ -186,11 +186,14 @@ def _make_ops():
 
 def configure_fast_launch(enabled: bool | None) -> None:
     """Turn the fast launch path on or off for the next ``ops()`` (``fl_patch.apply`` passes its setting); None
-    goes back to reading FL_PATCH_FAST_LAUNCH."""
+    goes back to reading FL_PATCH_FAST_LAUNCH. A change of the setting that leaves it as it was keeps the
+    signatures bound so far."""
     global _fast_launch, _ops
     with _load_lock:
+        before = fast_launch_enabled()
         _fast_launch = enabled
-        _ops = None
+        if fast_launch_enabled() != before:
+            _ops = None
 
 
 def fast_launch_enabled() -> bool:
