@@ -26,6 +26,7 @@ def apply(
     dist=None,
     strict=None,
     profile=None,
+    fast_launch=None,
 ):
     """Patch now (modules already imported) and on import (the rest).
 
@@ -34,7 +35,9 @@ def apply(
     comma string. An opt-in row (``transformers.fused_linear_cross_entropy``) runs only when its name is included,
     and naming it adds it to the other rows rather than narrowing them.
     kernels: ``"gems"`` or ``"reference"``. profile: the device profile to route by (a file or folder path, or
-    ``"off"``; see fl_patch.profiles). Arguments left None come from ``FL_PATCH_*`` variables, then defaults.
+    ``"off"``; see fl_patch.profiles). fast_launch: FlagGems' hot functions launched directly once a call signature
+    is bound (fl_patch.kernels.fast_launch; default True). Arguments left None come from ``FL_PATCH_*`` variables,
+    then defaults.
     Applying again with different settings reverts first. Raises SettingsError (a ValueError) naming the bad
     value and what is accepted.
     """
@@ -42,7 +45,7 @@ def apply(
 
     chosen = settings.load(
         include=include, exclude=exclude, kernels=kernels, gems_global=gems_global,
-        gems_unused=gems_unused, dist=dist, strict=strict, profile=profile,
+        gems_unused=gems_unused, dist=dist, strict=strict, profile=profile, fast_launch=fast_launch,
     )
     _bootstrap.uninstall()
     runtime.apply(chosen)

@@ -78,6 +78,7 @@ def status(as_json: bool) -> int:
     """Print the environment and every target's state after applying from the environment. A setting that
     can't be read is said once on stderr, and the exit status is 2; the rest is still shown."""
     from fl_patch import environment, reporting, runtime, settings
+    from fl_patch.kernels import gems
 
     info = environment.describe()
     chosen, problems = settings.load_lenient()
@@ -92,7 +93,8 @@ def status(as_json: bool) -> int:
     warnings = environment.early_bindings()
     if as_json:
         print(json.dumps({"environment": info, "settings": environment.settings_dict(chosen), "profile": profile,
-                          "problems": problems, "early_bindings": warnings, "targets": records},
+                          "fast_launch": gems.fast_launch_info(), "problems": problems, "early_bindings": warnings,
+                          "targets": records},
                          indent=2, default=str))
     else:
         print("fl_patch status")
@@ -110,6 +112,8 @@ def status(as_json: bool) -> int:
 
             for line in routing.learning_lines(profile):
                 print(f"    {line}")
+        if chosen.kernels == "gems":
+            print(f"  {gems.fast_launch_line()}")
         for line in warnings:
             print(f"  warning: {line}")
         print(reporting.format_table(records))

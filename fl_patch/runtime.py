@@ -215,6 +215,8 @@ def apply(settings: settings_mod.Settings | None = None, extra_targets: tuple[ta
     dropped instead (exclude wins), and the returned list says what was ignored; an unknown exclude name still
     raises (patching what was meant to be excluded could change the user's results).
     """
+    from fl_patch.kernels import gems
+
     s = settings if settings is not None else settings_mod.load()
     with _state.lock:
         if _state.active and s == _state.settings and not extra_targets:
@@ -225,6 +227,7 @@ def apply(settings: settings_mod.Settings | None = None, extra_targets: tuple[ta
             revert()
         logging.getLogger("fl_patch").setLevel(s.log_level)
         routing.configure(s, registry)
+        gems.configure_fast_launch(s.fast_launch)
         _state.settings, _state.registry = s, registry
         _state.selected, _state.excluded = registry.select(include, s.exclude)
         _state.records, _state.done = [], set()
@@ -382,11 +385,14 @@ def kernel_failed(rec: reporting.Record, exc: Exception) -> str:
 
 
 def report_text() -> str:
-    """The report as text: the summary, the device profile in force (or why none), every record."""
+    """The report as text: the summary, the device profile in force (or why none), what the device learned, what
+    the fast launch path did, every record."""
+    from fl_patch.kernels import gems
+
     notes = ()
     if _state.settings is not None and _state.settings.kernels == "gems":
         info = routing.describe()
-        notes = (info["summary"], *routing.learning_lines(info))
+        notes = (info["summary"], *routing.learning_lines(info), gems.fast_launch_line())
     return reporting.format_table(records(), notes)
 
 

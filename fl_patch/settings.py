@@ -50,6 +50,7 @@ class Settings:
     report_at_exit: bool = False
     profile: str | None = None  # FL_PATCH_PROFILE: None = look it up, "off", or a file / folder path
     calibrate: bool = True  # FL_PATCH_CALIBRATE: learn a device without a measured profile from its own calls
+    fast_launch: bool = True  # FL_PATCH_FAST_LAUNCH: FlagGems' hot kernels launched directly once bound
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ OPTIONS = (
     Option("report_at_exit", "FL_PATCH_REPORT", "bool", if_bad=False, if_bad_words="no report at exit"),
     Option("profile", "FL_PATCH_PROFILE", "path"),
     Option("calibrate", "FL_PATCH_CALIBRATE", "bool", if_bad=True, if_bad_words="calibration stays on"),
+    Option("fast_launch", "FL_PATCH_FAST_LAUNCH", "bool", if_bad=True, if_bad_words="the fast launch path stays on"),
 )
 BY_KEY = {option.key: option for option in OPTIONS}
 

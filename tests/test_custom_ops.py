@@ -256,8 +256,9 @@ def test_where_the_ops_cant_be_used_compiled_calls_run_the_original_unbroken(sta
     assert torch.equal(compiled, norm(x))
 
 
-def test_eager_calls_get_the_flag_gems_module_itself_and_compiled_ones_the_ops(stand_in_device):
-    assert gems.ops() is stand_in_device  # eager: the module, no wrapper
+def test_eager_calls_get_the_flag_gems_module_and_compiled_ones_the_ops(stand_in_device):
+    assert gems.ops().module is stand_in_device  # eager: the module, its hot functions on the fast launch path
+    assert gems.ops().mm is stand_in_device.mm
 
     def which(x):
         return torch.tensor(1.0) if gems.ops() is custom_ops.namespace else torch.tensor(0.0)

@@ -136,3 +136,26 @@ def test_distributed_example_switches_to_flagcx_under_fl_patch_run():
     lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
     assert lines == ["rank 0/2: backend cpu:flagcx, all_reduce sum 3",
                      "rank 1/2: backend cpu:flagcx, all_reduce sum 3"], result.stdout
+
+
+def test_host_cost_benchmark_dry_run_times_every_variant(tmp_path):
+    run_script("benchmarks/bench_host_cost.py", "--dry-run", "--out", str(tmp_path), "--batches", "1", "--calls", "3",
+               "--warmup", "4")
+    report = json.loads((tmp_path / "host_cost_dry.json").read_text())
+    rows = {(row["op"], row["variant"]): row for row in report["rows"]}
+    assert all("error" not in row and row["host_us"] > 0 for row in rows.values()), rows
+    for op in ("rms_norm", "silu_and_mul", "rope", "layer_norm"):
+        assert rows[(op, "fast launch")]["fast_calls_while_timed"] > 0, op  # bound during the warm-up
+        assert rows[(op, next(v for o, v in rows if o == op and v.endswith("no fast")))]["fast_calls_while_timed"] == 0
+    assert {target["op"] for target in report["targets"]} == {"rms_norm", "silu_and_mul", "rope", "layer_norm"}
+    assert "| 1 | rope | fast launch |" in (tmp_path / "host_cost_dry.md").read_text()
+
+
+def test_fast_launch_gpu_script_dry_run_passes_every_case(tmp_path):
+    out = run_script("tests/gpu/fast_launch_gpu.py", "--dry-run", str(tmp_path / "fast_launch.json")).stdout
+    report = json.loads((tmp_path / "fast_launch.json").read_text())
+    summary = report["summary"]
+    assert summary["ran"] == summary["cases"] == summary["passed"] and summary["errors"] == 0, out
+    unbound = [row for row in report["cases"] if not row["bound"]]
+    assert [row["form"] for row in unbound] == ["transposed x (FlagGems copies it)"] * 2  # bf16, fp32
+    assert "torch work in the call: aten.clone" in (tmp_path / "fast_launch.md").read_text()

@@ -5,11 +5,13 @@ Dynamo can't trace FlagGems' Triton launcher (Python autotuners, caches, ``liben
 dynamo and AOTAutograd see only the op and its fake (meta) function, which gives the exact shapes, dtypes and
 strides the real function returns (read off the 5.0.2 source); the real function runs when the compiled graph
 does. :func:`fl_patch.kernels.gems.ops` hands the kernel modules :data:`namespace` while dynamo traces, the
-flag_gems module itself in eager: ``namespace`` has the same attribute names and signatures (for the arguments
-fl_patch passes; others raise ``NotImplementedError``). The swap is dynamo's polyfill mechanism
-(``torch.compiler.substitute_in_graph``, documented for C functions, used here on a Python one: checked on torch
-2.13 by tests/test_custom_ops.py, on 2.11 by tests/gpu/compile_gpu.py on an H200), so eager calls pay
-nothing for it. Where it can't be registered, compiled gems calls run the original (:func:`define` says why).
+flag_gems module in eager (its hot functions on the fast launch path, :mod:`fl_patch.kernels.fast_launch`):
+``namespace`` has the same attribute names and signatures (for the arguments fl_patch passes; others raise
+``NotImplementedError``). The swap is dynamo's polyfill mechanism (``torch.compiler.substitute_in_graph``,
+documented for C functions, used here on a Python one: checked on torch 2.13 by tests/test_custom_ops.py, on 2.11
+by tests/gpu/compile_gpu.py on an H200), so eager calls pay nothing for it. Where it can't be registered, compiled
+gems calls run the original (:func:`define` says why). The ops' real functions call FlagGems as eager calls do
+(fast launch path included), when the compiled graph runs.
 
 Backward, as FlagGems 5.0.2 has it:
 
@@ -109,9 +111,10 @@ def _gems_call(name: str, *args, **kwargs):
 
 
 def _resolve(name: str):
-    """``flag_gems.<name>``; a dotted name is an attribute of a flag_gems submodule (``fused.silu_and_mul.x``)."""
+    """``flag_gems.<name>`` as eager calls get it (:func:`fl_patch.kernels.gems.ops`: the fast launch path where it
+    takes the function); a dotted name is an attribute of a flag_gems submodule (``fused.silu_and_mul.x``)."""
     module, _, attribute = name.rpartition(".")
-    owner = gems.load() if not module else importlib.import_module(f"{gems.MODULE_NAME}.{module}")
+    owner = gems.ops() if not module else importlib.import_module(f"{gems.MODULE_NAME}.{module}")
     return getattr(owner, attribute)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
+import os
 import sys
 import threading
 from types import ModuleType
@@ -23,6 +25,9 @@ MODULE_NAME = "flag_gems"
 _load_lock = threading.Lock()
 _module: ModuleType | None = None
 _load_error: str | None = None
+_ops = None  # what ops() gives in eager: fl_patch.kernels.fast_launch.FastOps over the module, or the module
+_fast_launch: bool | None = None  # None: FL_PATCH_FAST_LAUNCH decides, read on the first ops()
+FAST_LAUNCH_VARIABLE = "FL_PATCH_FAST_LAUNCH"
 
 
 class GemsUnavailable(RuntimeError):
@@ -88,10 +93,11 @@ def info() -> dict:
 
 def _reset_for_tests() -> None:
     """Forget the cached module or failure so that the next ``load()`` imports again."""
-    global _module, _load_error
+    global _module, _load_error, _ops
     with _load_lock:
         _module = None
         _load_error = None
+        _ops = None
 
 
 # Per-call checks shared by the families. Reasons are stable strings (counter keys).
@@ -152,13 +158,81 @@ def tensor_reason(tensor) -> str | None:
 
 
 def ops():
-    """What the kernel modules call FlagGems through: the ``flag_gems`` module (as :func:`load`, at the same cost).
+    """What the kernel modules call FlagGems through: the ``flag_gems`` module (loaded as by :func:`load`) with its
+    hot functions on the fast launch path (:class:`fl_patch.kernels.fast_launch.FastOps`: same names, arguments
+    and results); with the fast launch path off (``FL_PATCH_FAST_LAUNCH=0``, ``apply(fast_launch=False)``), the
+    module itself.
 
     While torch.compile traces, dynamo sees :data:`fl_patch.kernels.custom_ops.namespace` in its place, whose
     functions have the same names and signatures and are single opaque ops: ``custom_ops.define`` registers that
     substitution (``torch.compiler.substitute_in_graph``), so eager calls pay nothing for it. ``tensor_reason``,
     asked first on every gems path, has defined the ops by then.
     """
-    if _module is not None:
-        return _module
-    return load()
+    if _ops is not None:
+        return _ops
+    return _make_ops()
+
+
+def _make_ops():
+    global _ops
+    module = load()
+    with _load_lock:
+        if _ops is None:
+            if fast_launch_enabled():
+                from fl_patch.kernels import fast_launch
+
+                _ops = fast_launch.FastOps(module)
+            else:
+                _ops = module
+        return _ops
+
+
+def configure_fast_launch(enabled: bool | None) -> None:
+    """Turn the fast launch path on or off for the next ``ops()`` (``fl_patch.apply`` passes its setting); None
+    goes back to reading FL_PATCH_FAST_LAUNCH. A change of the setting that leaves it as it was keeps the
+    signatures bound so far."""
+    global _fast_launch, _ops
+    with _load_lock:
+        before = fast_launch_enabled()
+        _fast_launch = enabled
+        if fast_launch_enabled() != before:
+            _ops = None
+
+
+def fast_launch_enabled() -> bool:
+    """Whether ``ops()`` gives the fast launch path: the setting ``fl_patch.apply`` passed, else
+    FL_PATCH_FAST_LAUNCH (default on; a value that is not a boolean is said once and leaves it on)."""
+    if _fast_launch is not None:
+        return _fast_launch
+    from fl_patch import settings
+
+    try:
+        return settings.parse_bool(FAST_LAUNCH_VARIABLE, os.environ.get(FAST_LAUNCH_VARIABLE, "1") or "1")
+    except settings.SettingsError as exc:
+        if FAST_LAUNCH_VARIABLE not in _said:
+            _said.add(FAST_LAUNCH_VARIABLE)
+            logging.getLogger("fl_patch").warning("fl_patch: %s; ignored: the fast launch path stays on", exc)
+        return True
+
+
+_said: set = set()
+
+
+def fast_launch_info() -> dict:
+    """The fast launch path for reports: ``enabled``, and once a FlagGems call has used it,
+    :func:`fl_patch.kernels.fast_launch.stats` (imports nothing)."""
+    fast_launch = sys.modules.get("fl_patch.kernels.fast_launch")
+    info = {"enabled": fast_launch_enabled()}
+    if fast_launch is not None:
+        info.update(fast_launch.stats())
+    return info
+
+
+def fast_launch_line() -> str:
+    """One report line about the fast launch path (imports nothing)."""
+    if not fast_launch_enabled():
+        return f"fast launch: off ({FAST_LAUNCH_VARIABLE}=0 or apply(fast_launch=False))"
+    fast_launch = sys.modules.get("fl_patch.kernels.fast_launch")
+    if fast_launch is None:
+        return "fast launch: on, no FlagGems call yet"
+    return fast_launch.summary_line()

@@ -1,0 +1,466 @@
+"""The fast launch path (fl_patch/kernels/fast_launch.py) on CPU, with the stand-in launcher of tests/fake_launch.py:
+signature keys, recording and binding, direct launches equal to the public call, every reason a call stays on the
+public function, threads, streams, capture, hooks, and the FL_PATCH_FAST_LAUNCH switch."""
+
+import logging
+import threading
+
+import pytest
+import torch
+
+import fake_launch
+import fl_patch
+from fl_patch import runtime, settings
+from fl_patch.kernels import fast_launch, gems, rms_norm
+
+
+@pytest.fixture
+def ops(monkeypatch):
+    """FastOps over the stand-in FlagGems, the stand-in launcher as the launch API; its state reset."""
+    monkeypatch.setattr(fake_launch, "STATE", fake_launch.SimpleNamespace(stream=7, capturing=False, device=-1,
+                                                                          launches=[]))
+    monkeypatch.setattr(fake_launch, "HOOKS", fake_launch.SimpleNamespace(enter=None, exit=None))
+    fake_launch._tuned.clear()
+    fast_launch.use_api(fake_launch.api())
+    yield fast_launch.FastOps(fake_launch.gems, fast_launch.FUNCTIONS + fake_launch.UNBOUND)
+    fast_launch.use_api(None)
+
+
+def stats(ops, name):
+    return getattr(ops, name).site.stats()
+
+
+def counting(monkeypatch, name):
+    """Count the public function's calls (the stand-in's `name`, wrapped)."""
+    calls = []
+    public = getattr(fake_launch.gems, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return public(*args, **kwargs)
+
+    monkeypatch.setattr(fake_launch.gems, name, counted)
+    return calls
+
+
+def equal(a, b):
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b) and a.stride() == b.stride() and a.dtype == b.dtype and a.shape == b.shape
+    return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def bf16(*shape):
+    return torch.randn(*shape).to(torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------- signatures
+
+def test_signature_keys_tell_apart_what_a_launch_depends_on():
+    x = torch.randn(4, 64)
+    key, tensors, reason = fast_launch.signature((x, (64,), torch.ones(64), 1e-6), {})
+    assert reason is None and tensors[0] is x and len(tensors) == 2
+    same, _, _ = fast_launch.signature((torch.randn(4, 64), (64,), torch.ones(64), 1e-6), {})
+    assert same == key  # other values, same shapes: one signature
+    for other in [(torch.randn(4, 32), (32,), torch.ones(32), 1e-6),  # shape
+                  (torch.randn(64, 4).t(), (64,), torch.ones(64), 1e-6),  # strides
+                  (bf16(4, 64), (64,), torch.ones(64), 1e-6),  # dtype
+                  (torch.randn(4, 64), (64,), torch.ones(64), 1e-5),  # a scalar argument
+                  (torch.randn(4, 64), [64], torch.ones(64), 1e-6),  # a list is not a tuple
+                  (torch.randn(4, 64), (64,), torch.ones(65)[1:], 1e-6)]:  # a weight 4 bytes off 16-byte alignment
+        assert fast_launch.signature(other, {})[0] != key
+    with_kwargs, _, _ = fast_launch.signature((x,), {"eps": 1e-6})
+    assert with_kwargs != fast_launch.signature((x, 1e-6), {})[0]
+
+
+def test_signature_refuses_what_it_cant_key():
+    x = torch.randn(4, 8)
+    assert fast_launch.signature((x.requires_grad_(),), {})[2] == fast_launch.AUTOGRAD
+    with torch.no_grad():
+        assert fast_launch.signature((x,), {})[2] is None  # no autograd without grad mode
+    assert fast_launch.signature((torch.randn(2), float("nan")), {})[2] == "nan argument"
+    assert fast_launch.signature((torch.randn(2), (1, "a")), {})[2] == "argument type tuple"
+    assert fast_launch.signature((torch.randn(2), object()), {})[2] == "argument type object"
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert fast_launch.signature((torch.randn(2).as_subclass(Sub),), {})[2] == "tensor subclass Sub"
+    assert fast_launch.signature((torch.nn.Parameter(torch.randn(2), requires_grad=False),), {})[2] is None
+
+
+# ------------------------------------------------------------------------------------------ record and bind
+
+def test_first_calls_run_the_public_function_then_the_signature_binds(ops, monkeypatch):
+    calls = counting(monkeypatch, "rms_norm")
+    weight = bf16(64)
+    for call in range(5):
+        x = bf16(6, 64)
+        out = ops.rms_norm(x, (64,), weight, 1e-6)
+        assert equal(out, fake_launch.rms_norm(x, (64,), weight, 1e-6)), call
+    assert calls == ["rms_norm"] * 2  # two recordings, then direct launches
+    assert stats(ops, "rms_norm") == {"bound": 1, "fast_calls": 3, "recording": 0, "not_bound": {},
+                                      "public_calls": {fast_launch.RECORDING: 2}}
+    assert fake_launch.Kernel.__dict__["run"].fget.__name__ == "run"  # the class's own property back
+    assert "_recording_property" not in fake_launch.Kernel.__dict__["run"].fget.__qualname__
+
+
+def test_every_stand_in_function_binds_and_gives_the_public_results(ops):
+    torch.manual_seed(0)
+    cos, sin = torch.randn(4096, 8).to(torch.bfloat16), torch.randn(4096, 8).to(torch.bfloat16)
+    fused = bf16(3, 5, 3 * 4 * 16)  # q, k as slices of one projection, as models with a fused qkv give them
+
+    def cases():
+        qkv = bf16(*fused.shape)
+        return {
+            "rms_norm": (bf16(3, 5, 64), (64,), bf16(64), 1e-6),
+            "rms_norm_forward": (bf16(7, 32), (32,), torch.randn(32), 1e-5),  # Gemma: fp32 weight
+            "silu_and_mul": (bf16(4, 96), bf16(4, 96)),
+            "apply_rotary_pos_emb": (qkv[..., :64].view(3, 5, 4, 16), qkv[..., 64:128].view(3, 5, 4, 16), cos, sin),
+            "layer_norm": (bf16(6, 48), (48,), bf16(48), None, 1e-5),
+        }
+
+    for _ in range(4):
+        for name, args in cases().items():
+            assert equal(getattr(ops, name)(*args), getattr(fake_launch.gems, name)(*args)), name
+    for name in cases():
+        assert stats(ops, name)["bound"] == 1 and stats(ops, name)["fast_calls"] == 2, name
+
+
+def test_outputs_are_allocated_as_the_public_call_allocates_them(ops):
+    x = torch.randn(8, 4, 6).permute(2, 0, 1)  # dense, not contiguous: empty_like keeps its strides
+    for _ in range(4):
+        out = ops.autotuned_scale(x, 3.0)
+    assert out.stride() == x.stride() and out.shape == x.shape and out.dtype == x.dtype
+    assert torch.equal(out, x * 3.0) and stats(ops, "autotuned_scale")["fast_calls"] == 1
+    q, k = bf16(2, 3, 4, 16), bf16(2, 3, 2, 16)
+    cos, sin = bf16(4096, 8), bf16(4096, 8)
+    for _ in range(3):
+        q_out, k_out = ops.apply_rotary_pos_emb(q, k, cos, sin)
+    assert q_out.shape == q.shape and k_out.shape == k.shape and q_out.is_contiguous()
+    for _ in range(3):
+        y, mean, rstd = ops.layer_norm(bf16(5, 32), (32,))
+    assert (y.shape, mean.shape, rstd.shape, mean.dtype) == ((5, 32), (5,), (5,), torch.bfloat16)
+    assert stats(ops, "layer_norm")["fast_calls"] == 1
+
+
+def test_autotuning_settles_within_the_recordings(ops, monkeypatch):
+    calls = counting(monkeypatch, "autotuned_scale")
+    x = torch.randn(32)
+    for _ in range(5):
+        assert torch.equal(ops.autotuned_scale(x, 2.0), x * 2.0)
+    assert calls == ["autotuned_scale"] * 3  # the tuning call differs from the next; the next two agree
+    assert stats(ops, "autotuned_scale")["fast_calls"] == 2
+
+
+def test_a_recording_that_cant_bind_lets_go_of_what_it_held():
+    """An autotuning call allocates benchmark buffers (256 MB each in Triton's do_bench) and clears them: once
+    torch work shows the call can't bind, its allocations and launches are no longer held."""
+    recording = fast_launch._Recording()
+    with fast_launch._torch_work_mode(recording):
+        kept = torch.empty(8)
+        torch.empty(1024).zero_()
+        torch.empty(16)
+    assert recording.torch_work == ["aten.zero_"] and recording.allocations == [] and kept.numel() == 8
+    fresh = fast_launch._Recording()
+    with fast_launch._torch_work_mode(fresh):
+        torch.empty(8)
+        torch.empty(4).view(2, 2)
+    assert fresh.torch_work == [] and [t.shape for t in fresh.allocations] == [(8,), (4,)]
+
+
+def test_launches_that_differ_between_calls_are_never_bound(ops, caplog):
+    caplog.set_level(logging.INFO, "fl_patch")
+    x = torch.randn(16)
+    for _ in range(fast_launch.RECORDINGS + 3):
+        assert torch.equal(ops.data_dependent_scale(x, 2.0), x * 2.0)
+    entry = stats(ops, "data_dependent_scale")
+    assert entry["bound"] == 0 and entry["not_bound"] == {fast_launch.DIFFERENT: 1}
+    assert entry["public_calls"] == {fast_launch.RECORDING: fast_launch.RECORDINGS, fast_launch.DIFFERENT: 3}
+    assert "stays off for a signature (launches differ between calls)" in caplog.text
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("scale_with_torch_work", "torch work in the call: aten.mul"),
+    ("scale_by_raw_pointer", "raw pointer argument"),
+    ("scale_by_descriptor", "launch argument of type TensorDescriptor"),
+    ("scale_into_input", "returns a tensor not allocated by the call"),
+])
+def test_calls_a_direct_launch_would_get_wrong_are_never_bound(ops, name, reason):
+    for _ in range(fast_launch.RECORDINGS + 1):
+        x = torch.randn(16)
+        expected = x * 2.0
+        assert torch.equal(getattr(ops, name)(x, 2.0), expected)
+    entry = stats(ops, name)
+    assert entry["bound"] == 0 and entry["not_bound"] == {reason: 1}
+    assert entry["public_calls"] == {fast_launch.RECORDING: fast_launch.RECORDINGS, reason: 1}
+
+
+def test_aliased_inputs_are_never_bound(ops):
+    x = torch.randn(4, 32)
+    for _ in range(fast_launch.RECORDINGS):
+        assert equal(ops.silu_and_mul(x, x), fake_launch.silu_and_mul(x, x))
+    assert stats(ops, "silu_and_mul")["not_bound"] == {"aliased inputs": 1}
+
+
+def test_direct_launches_put_each_calls_tensors_in_place(ops):
+    """Many calls of one signature, new tensors each time, a strided pair of inputs (slices of one tensor)."""
+    torch.manual_seed(1)
+    for _ in range(6):
+        both = torch.randn(5, 64)
+        gate, up = both[:, :32], both[:, 32:]
+        assert equal(ops.silu_and_mul(gate, up), fake_launch.silu_and_mul(gate, up))
+    assert stats(ops, "silu_and_mul")["fast_calls"] == 4
+
+
+# ------------------------------------------------------------------------------------- reasons and states
+
+def test_calls_needing_autograd_run_the_public_function(ops, monkeypatch):
+    calls = counting(monkeypatch, "rms_norm")
+    x, weight = torch.randn(4, 16, requires_grad=True), torch.randn(16)
+    for _ in range(3):
+        ops.rms_norm(x, (16,), weight, 1e-6)
+    assert calls == ["rms_norm"] * 3
+    assert stats(ops, "rms_norm")["public_calls"] == {fast_launch.AUTOGRAD: 3}
+    with torch.no_grad():
+        for _ in range(3):
+            ops.rms_norm(x, (16,), weight, 1e-6)
+    assert stats(ops, "rms_norm")["fast_calls"] == 1
+
+
+def test_without_a_launch_api_every_call_is_public_and_says_why(ops, monkeypatch):
+    def missing():
+        raise fast_launch.Unbindable("no launch API (triton 3.2 lacks CompiledKernel.run as a property)")
+
+    fast_launch.use_api(None)
+    monkeypatch.setattr(fast_launch, "triton_api", missing)
+    x = torch.randn(4)
+    for _ in range(3):
+        assert torch.equal(ops.autotuned_scale(x, 2.0), x * 2.0)
+    reason = "no launch API (triton 3.2 lacks CompiledKernel.run as a property)"
+    assert stats(ops, "autotuned_scale")["public_calls"] == {reason: 3}
+    assert fast_launch.stats()["api_problem"] == reason and reason in fast_launch.summary_line()
+
+
+def test_the_installed_triton_is_checked_by_feature():
+    try:
+        api = fast_launch.triton_api()
+    except fast_launch.Unbindable as exc:
+        assert str(exc).startswith("no launch API")
+    else:  # a machine with Triton: what this module relies on is there
+        assert isinstance(api.kernel_class.__dict__["run"], property) and api.device_type == "cuda"
+
+
+def test_tensors_the_api_doesnt_launch_for_are_public(ops):
+    fast_launch.use_api(fake_launch.api().__class__(**{**fake_launch.api().__dict__, "device_type": "cuda"}))
+    x = torch.randn(8)
+    for _ in range(3):
+        assert torch.equal(ops.autotuned_scale(x, 2.0), x * 2.0)
+    assert stats(ops, "autotuned_scale")["public_calls"] == {"cpu tensor": 3}
+
+
+def test_a_bound_signature_on_another_device_than_the_current_one_is_public(ops):
+    x = torch.randn(8)
+    for _ in range(3):
+        ops.autotuned_scale(x, 2.0)
+    fake_launch.STATE.device = 1
+    assert torch.equal(ops.autotuned_scale(x, 2.0), x * 2.0)
+    assert stats(ops, "autotuned_scale")["public_calls"][fast_launch.NOT_CURRENT] == 1
+
+
+def test_nothing_is_recorded_during_a_capture_and_bound_launches_are_captured(ops):
+    weight = torch.randn(16)
+    fake_launch.STATE.capturing = True
+    for _ in range(2):
+        ops.rms_norm(torch.randn(2, 16), (16,), weight, 1e-6)
+    assert stats(ops, "rms_norm")["public_calls"] == {fast_launch.CAPTURING: 2}
+    fake_launch.STATE.capturing = False
+    for _ in range(2):
+        ops.rms_norm(torch.randn(2, 16), (16,), weight, 1e-6)
+    fake_launch.STATE.capturing, fake_launch.STATE.stream = True, 99
+    x = torch.randn(2, 16)
+    assert torch.equal(ops.rms_norm(x, (16,), weight, 1e-6), fake_launch.rms_norm(x, (16,), weight, 1e-6))
+    assert fake_launch.STATE.launches[-2] == ("rms_norm_kernel", 99)  # the fast launch, on the capturing stream
+    [plan] = ops.rms_norm.site.entries.values()
+    assert plan.calls == 1 and 99 not in plan.scratch_by_stream  # no scratch kept from inside a capture
+
+
+def test_launches_go_to_the_current_stream_and_single_launch_scratch_is_kept_per_stream(ops):
+    weight = torch.randn(16)
+    for stream in (7, 7, 7, 8, 8, 7):
+        fake_launch.STATE.stream = stream
+        x = torch.randn(3, 16)
+        assert torch.equal(ops.rms_norm(x, (16,), weight, 1e-6), fake_launch.rms_norm(x, (16,), weight, 1e-6))
+        assert fake_launch.STATE.launches[-1] == ("rms_norm_kernel", stream)
+    [plan] = ops.rms_norm.site.entries.values()
+    assert set(plan.scratch_by_stream) == {7, 8} and plan.reuse_scratch
+    for _ in range(3):
+        ops.layer_norm(torch.randn(3, 16), (16,))
+    [two_launches] = ops.layer_norm.site.entries.values()
+    assert not two_launches.reuse_scratch and not two_launches.scratch_by_stream  # scratch read by the 2nd launch
+
+
+def test_launch_hooks_get_the_metadata_of_direct_launches(ops):
+    seen = []
+    fake_launch.HOOKS.enter = seen.append
+    x = torch.randn(4)
+    for _ in range(4):
+        ops.autotuned_scale(x, 2.0)
+    assert stats(ops, "autotuned_scale")["fast_calls"] == 1
+    assert seen[-1] == {"name": "scale_kernel", "stream": 7, "grid": (4, 1, 1)}
+
+
+def test_calls_traced_by_torch_compile_run_the_public_function_uncounted(ops):
+    def double_silu(a, b):
+        return ops.silu_and_mul(a, b) * 2
+
+    compiled = torch.compile(double_silu, backend="eager")
+    a, b = torch.randn(4, 32), torch.randn(4, 32)
+    assert torch.equal(compiled(a, b), fake_launch.silu_and_mul(a, b) * 2)
+    torch._dynamo.reset()
+
+
+def test_a_call_made_while_recording_is_public(ops, monkeypatch):
+    inner = []
+
+    def outer(x, factor):
+        inner.append(ops.autotuned_scale(x, factor))
+        return fake_launch.autotuned_scale(x, factor)
+
+    monkeypatch.setattr(fake_launch.gems, "outer", outer, raising=False)
+    fast_outer = fast_launch.wrap(fake_launch.gems, "outer")
+    fast_outer(torch.randn(4), 2.0)
+    assert stats(ops, "autotuned_scale")["public_calls"] == {fast_launch.NESTED: 1}
+
+
+def test_a_full_signature_table_sends_new_signatures_to_the_public_function(ops, monkeypatch):
+    monkeypatch.setattr(fast_launch, "SIGNATURES", 2)
+    for size in (4, 4, 5, 5, 6, 6, 4):
+        ops.autotuned_scale(torch.randn(size), 2.0)
+    entry = stats(ops, "autotuned_scale")
+    assert entry["public_calls"][fast_launch.FULL] == 2  # size 6: no room
+    assert entry["bound"] == 1 and entry["recording"] == 1  # size 4 bound on its third call, size 5 recording
+    assert len(ops.autotuned_scale.site.entries) == 2
+
+
+def test_errors_while_binding_or_launching_leave_the_signature_on_the_public_function(ops, monkeypatch, caplog):
+    monkeypatch.setattr(fast_launch, "_pointer_types", lambda kernel: 1 / 0)
+    x = torch.randn(4)
+    for _ in range(fast_launch.RECORDINGS + 1):
+        assert torch.equal(ops.autotuned_scale(x, 2.0), x * 2.0)
+    assert stats(ops, "autotuned_scale")["not_bound"] == {"binding error: ZeroDivisionError": 1}
+    monkeypatch.undo()
+    fast_launch.use_api(fake_launch.api())
+
+    def broken(grid, *args):
+        raise RuntimeError("launch failed")
+
+    for _ in range(2):
+        ops.silu_and_mul(torch.randn(8), torch.randn(8))
+    monkeypatch.setattr(fake_launch.SILU_AND_MUL, "body", broken)
+    with pytest.raises(RuntimeError):  # the public call launches the same kernel: its error is the caller's
+        ops.silu_and_mul(torch.randn(8), torch.randn(8))
+    entry = stats(ops, "silu_and_mul")
+    assert entry["not_bound"] == {"launch error: RuntimeError": 1} and "launch failed" in caplog.text
+
+
+def test_a_replaced_public_function_drops_the_signatures_bound_for_the_old_one(ops, monkeypatch):
+    x = torch.randn(8)
+    for _ in range(3):
+        ops.autotuned_scale(x, 2.0)
+    assert stats(ops, "autotuned_scale")["bound"] == 1
+    monkeypatch.setattr(fake_launch.gems, "autotuned_scale", lambda x, factor: x * factor + 1)
+    assert torch.equal(ops.autotuned_scale(x, 2.0), x * 2.0 + 1)
+    assert stats(ops, "autotuned_scale")["bound"] == 0
+
+
+def test_threads_calling_one_signature_get_right_results_and_bind_it_once(ops, monkeypatch):
+    plans = []
+    original = fast_launch._Plan.__init__
+
+    def counted(self, *args, **kwargs):
+        plans.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(fast_launch._Plan, "__init__", counted)
+    weight = torch.randn(32)
+    failures = []
+    start = threading.Barrier(12)
+
+    def worker(seed):
+        generator = torch.Generator().manual_seed(seed)
+        start.wait()
+        for _ in range(40):
+            x = torch.randn(6, 32, generator=generator)
+            if not torch.equal(ops.rms_norm(x, (32,), weight, 1e-6), fake_launch.rms_norm(x, (32,), weight, 1e-6)):
+                failures.append(seed)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == [] and len(plans) == 1
+    entry = stats(ops, "rms_norm")
+    assert entry["bound"] == 1 and entry["fast_calls"] + entry["public_calls"][fast_launch.RECORDING] <= 12 * 40
+    assert "_recording_property" not in fake_launch.Kernel.__dict__["run"].fget.__qualname__
+    assert fast_launch._hook_users == 0
+
+
+# ------------------------------------------------------------------------------------ switch and report
+
+def test_gems_ops_is_the_fast_path_unless_switched_off(fake_gems, monkeypatch):
+    assert isinstance(gems.ops(), fast_launch.FastOps) and gems.ops().module is fake_gems
+    assert gems.ops().mm is fake_gems.mm  # everything else: the module's own
+    monkeypatch.setenv("FL_PATCH_FAST_LAUNCH", "0")
+    gems.configure_fast_launch(None)
+    assert gems.ops() is fake_gems
+    fl_patch.apply(kernels="gems", include=["torch.rms_norm"], fast_launch=True)
+    fast = gems.ops()
+    assert isinstance(fast, fast_launch.FastOps)  # an explicit setting wins over the environment
+    fl_patch.apply(kernels="gems", include=["torch.rms_norm", "rope"], fast_launch=True)
+    assert gems.ops() is fast  # the same setting: what was bound stays bound
+    fl_patch.apply(kernels="gems", include=["torch.rms_norm"])  # the environment again
+    assert gems.ops() is fake_gems and "fast launch: off" in runtime.report_text()
+    gems.configure_fast_launch(None)
+
+
+def test_a_bad_fast_launch_value_is_reported(monkeypatch, caplog):
+    with pytest.raises(settings.SettingsError, match="FL_PATCH_FAST_LAUNCH='sometimes' is not a boolean"):
+        settings.load({"FL_PATCH_FAST_LAUNCH": "sometimes"})
+    chosen, problems = settings.load_lenient({"FL_PATCH_FAST_LAUNCH": "sometimes"})
+    assert chosen.fast_launch and problems == [
+        "FL_PATCH_FAST_LAUNCH='sometimes' is not a boolean; accepted: 1, 0, true, false, yes, no, on, off; "
+        "ignored: the fast launch path stays on"]
+    assert not settings.load({"FL_PATCH_FAST_LAUNCH": "off"}).fast_launch
+    monkeypatch.setenv("FL_PATCH_FAST_LAUNCH", "sometimes")  # read by gems without apply(): said once, stays on
+    monkeypatch.setattr(gems, "_said", set())
+    gems.configure_fast_launch(None)
+    assert gems.fast_launch_enabled() and gems.fast_launch_enabled()
+    assert caplog.text.count("FL_PATCH_FAST_LAUNCH='sometimes' is not a boolean") == 1
+
+
+def test_patched_calls_on_a_flag_gems_that_launches_nothing_are_never_wrong(fake_gems, monkeypatch):
+    """The stand-in FlagGems of tests/fake_flag_gems computes in torch (no launch): never bound, same results."""
+    monkeypatch.setattr(gems, "device_reason", lambda tensor: None)
+    fast_launch.use_api(fake_launch.api())
+    try:
+        x, weight = bf16(4, 64), bf16(64)
+        outs = [rms_norm.gems_hf(x, weight, 1e-6) for _ in range(fast_launch.RECORDINGS + 2)]
+        assert all(torch.equal(out, fake_gems.rms_norm(x, (64,), weight, 1e-6)) for out in outs)
+        entry = gems.fast_launch_info()["functions"]["rms_norm"]
+        assert entry["bound"] == 0 and len(entry["not_bound"]) == 1
+        assert next(iter(entry["not_bound"])).startswith("torch work in the call")
+    finally:
+        fast_launch.use_api(None)
+
+
+def test_the_report_says_what_the_fast_path_did(ops):
+    assert fast_launch.summary_line() == "fast launch: on, no FlagGems call yet"
+    x = torch.randn(4)
+    for _ in range(4):
+        ops.autotuned_scale(x, 2.0)
+    with torch.enable_grad():
+        ops.rms_norm(torch.randn(2, 4, requires_grad=True), (4,), torch.randn(4), 1e-6)
+    assert fast_launch.summary_line() == (
+        "fast launch: rms_norm 0 bound / 0 calls, autotuned_scale 1 bound / 1 calls; FlagGems' own call: autograd 1,"
+        " first calls (recording) 3")
