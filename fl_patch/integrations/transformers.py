@@ -839,9 +839,11 @@ def _swiglu_forward(kernel, unsupported, native, provider: str, original, rec, s
         reason = unsupported(provider, gate, up)
         if reason is None:
             try:
-                return self.down_proj(kernel(gate, up))
+                hidden = kernel(gate, up)
             except Exception as exc:
                 reason = kernel_failed(rec, exc)
+            else:  # down_proj is the model's module (hooks, a patched F.linear): not part of the kernel call
+                return self.down_proj(hidden)
         elif reason in NATIVE_ROUTES and gate.shape == up.shape:
             rec.fallback(reason)
             return self.down_proj(native(gate, up))
