@@ -260,3 +260,55 @@ def test_the_failure_message_names_the_provider_that_ran(monkeypatch, caplog):
         in caplog.text
     assert "FlagGems" not in caplog.text
     assert fallbacks("torch.scaled_dot_product_attention") == {"kernel error: ValueError": 1}
+
+
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled")
+@pytest.mark.parametrize("mode", ["profiler", "anomaly mode"])
+def test_a_kernel_error_still_falls_back_under_the_profiler_and_anomaly_mode(fake_gems, device_path, monkeypatch,
+                                                                             mode):
+    """Their being on puts none of their code between the replacement and the kernel."""
+    def exploding(*args, **kwargs):
+        raise RuntimeError("triton compilation failed")
+
+    monkeypatch.setattr(fake_gems, "rms_norm", exploding)
+    fl_patch.apply(kernels="gems", include=["torch.rms_norm"])
+    context = torch.profiler.profile() if mode == "profiler" else torch.autograd.detect_anomaly()
+    x, weight = bf16(4, 64), bf16(64)
+    with context:
+        out = F.rms_norm(x, (64,), weight, 1e-6)
+    assert torch.equal(out, torch.rms_norm(x, (64,), weight, 1e-6))
+    assert fallbacks("torch.rms_norm") == {"kernel error: RuntimeError": 1}
+
+
+def test_frames_are_told_apart_by_module_and_file(fake_gems, tmp_path, monkeypatch):
+    """FlagGems' generated code is FlagGems whatever its module name: pointwise_dynamic's modules take their scalar
+    function's globals, ``__name__`` included."""
+    import importlib.util
+    import json
+
+    from fl_patch import failures
+
+    monkeypatch.setenv("FLAGGEMS_CACHE_DIR", str(tmp_path))
+    generated = tmp_path / "code_cache" / "pointwise_dynamic_abc_add_kernel_rank_2.py"
+    generated.parent.mkdir()
+    generated.write_text("import sys\n\n\ndef add_wrapper_rank_2():\n    return sys._getframe()\n")
+    spec = importlib.util.spec_from_file_location("_gen_module_abc_rank_2", generated)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.__dict__["__name__"] = "vendor_ops.scalar_functions"
+    frames = {
+        "generated": module.add_wrapper_rank_2(),
+        "fl_patch": frame_in(vars(failures)),
+        "flag_gems": frame_in(vars(fake_gems)),
+        "torch": frame_in(vars(torch)),
+        "stdlib": frame_in(vars(json)),
+        "user code": sys._getframe(),
+    }
+    assert {name: failures._kind(frame) for name, frame in frames.items()} == {
+        "generated": "gems", "fl_patch": "fl_patch", "flag_gems": "gems", "torch": "torch", "stdlib": "neutral",
+        "user code": "other"}
+
+
+def frame_in(module_globals: dict):
+    """A frame running with `module_globals`, as the code of that module does."""
+    return eval("sys._getframe()", module_globals, {"sys": sys})
