@@ -80,7 +80,10 @@ def out_of_memory(exc: BaseException) -> bool:
         return True
     if not isinstance(exc, RuntimeError):
         return False
-    text = str(exc).lower()
+    try:
+        text = str(exc).lower()
+    except Exception:  # an exception whose message can't be made says nothing about memory
+        return False
     return any(words in text for words in OUT_OF_MEMORY_TEXTS)
 
 
@@ -115,10 +118,12 @@ def _kind(frame: FrameType) -> str:
         return "control"
     if package == "fl_patch":
         return "fl_patch"
-    if package in ("flag_gems", "triton") or name.startswith(GENERATED_PREFIX) or _flag_gems_code(frame.f_code):
+    if package in ("flag_gems", "triton") or name.startswith(GENERATED_PREFIX):
         return "gems"
     if package == "torch" or package.startswith("torch_"):
         return "torch"
+    if _flag_gems_code(frame.f_code):
+        return "gems"
     if not name or package in NEUTRAL_PACKAGES:
         return "neutral"
     return "other"
