@@ -279,9 +279,12 @@ def _compiled(decision: profiles.Decision | None, lifted: bool) -> tuple[int, st
 
 def _busy(device) -> bool:
     """Whether `device`'s current stream still has work queued (so that a call's host cost hides behind it).
-    False when it can't be told (no stream query for this device type, a CUDA graph being captured, an error)
-    and with torch's deterministic algorithms on: then a call's path depends on its size alone, not on timing."""
-    if _deterministic():
+    False when it can't be told (no stream query for this device type, a CUDA graph being captured, an error),
+    with torch's deterministic algorithms on, and while grad mode is on: then a call's path depends on its size
+    alone, not on timing. In training that matters beyond speed: gradient checkpointing runs a layer's forward
+    again in backward and requires the recomputation to save the same tensors as the first run, so both must
+    take the same path (the device-bound regime is measured without grad, as inference runs)."""
+    if _deterministic() or sys.modules["torch"].is_grad_enabled():
         return False
     probe = _routing.probes.get(device.type)
     if probe is None:

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from fl_patch import hooks, ledger, reporting, routing, table
+from fl_patch import failures, hooks, ledger, reporting, routing, table
 from fl_patch import settings as settings_mod
 from fl_patch.errors import PatchError, SettingsError
 
@@ -361,19 +361,23 @@ def activate(source: str) -> None:
 
 
 def kernel_failed(rec: reporting.Record, exc: Exception) -> str:
-    """A provider's kernel raised `exc` on a call of `rec`'s place: the reason to count that call under (the
-    caller then runs the original). FlagGems that can't be imported turns every record on it into a
-    ``fallback`` one, said once; another error is logged once per place and exception type. With
+    """`exc` was raised during a call of `rec`'s kernel and caught by the replacement: re-raise it unchanged (the
+    same object, nothing counted) if it is not the kernel's failure (:func:`fl_patch.failures.passes_through`:
+    out of memory, torch's control flow, hooks); else the reason to count that call under (the caller then runs
+    the original). FlagGems that can't be imported turns every record on it into a ``fallback`` one, said once;
+    another error is logged once per place and exception type, naming the record's provider. With
     FL_PATCH_STRICT=1 it raises PatchError instead. Under torch.compile the replacement's guard runs at trace time
     and the kernel later, inside the compiled graph: a kernel failing there raises
     ``fl_patch.kernels.custom_ops.CompiledKernelError`` and never gets here."""
     from fl_patch.kernels import gems
 
+    if failures.passes_through(exc):
+        raise exc
     if isinstance(exc, gems.GemsUnavailable):
         reason, message, key = gems.UNUSABLE, f"FlagGems can't be used ({exc}): patched calls run the original", ""
     else:
         reason, key = f"kernel error: {type(exc).__name__}", rec.where
-        message = f"the FlagGems kernel of {rec.where} raised {type(exc).__name__}: {gems.first_line(exc)}"
+        message = f"the {rec.provider} kernel of {rec.where} raised {type(exc).__name__}: {gems.first_line(exc)}"
     with _state.lock:
         first = (key, reason) not in _state.kernel_errors
         _state.kernel_errors.add((key, reason))

@@ -73,7 +73,13 @@ def test_train_gpu_script_dry_run_checks_every_variant(tmp_path):
         parts = results["models"][model]
         assert parts["gradients"]["fl_patch_flce"]["logits_none"] and parts["gradients"]["fl_patch_flce"]["pass"]
         assert parts["curves"]["fl_patch"]["pass"] and parts["curves"]["fl_patch_flce"]["pass"]
+    for model in ("llama", "gemma3"):  # gradient checkpointing: Llama ends its layers with a linear, Gemma3 an RMSNorm
+        checkpointing = results["models"][model]["checkpointing"]
+        for mode in ("non_reentrant", "reentrant"):
+            assert {variant: e["pass"] for variant, e in checkpointing[mode].items()} == {
+                "hf": True, "fl_patch": True, "fl_patch_all": True}, checkpointing[mode]
     assert "checks pass, 0 errors" in out and "| fl_patch_flce |" in (tmp_path / "train-gpu.md").read_text()
+    assert "| non_reentrant fl_patch_all |" in (tmp_path / "train-gpu.md").read_text()
 
 
 def test_e2e_benchmark_rounds_interleave_and_keep_each_round(tmp_path):

@@ -388,20 +388,25 @@ def test_between_the_thresholds_a_call_goes_to_flag_gems_only_while_the_device_i
           bound_profile({"route": "native"}, {"route": "gems", "min_elements": 4096}))
     fl_patch.apply(kernels="gems")
     weight = bf16(64)
-    F.rms_norm(bf16(2, 64), (64,), weight, 1e-6)  # under the device-bound threshold: native, no query
-    assert busy_device["asked"] == 0
-    F.rms_norm(bf16(64, 64), (64,), weight, 1e-6)  # at it, device idle: native
-    busy_device["busy"] = True
-    F.rms_norm(bf16(64, 64), (64,), weight, 1e-6)  # at it, device busy: FlagGems
+    with torch.no_grad():  # as inference runs (and the device-bound regime is measured)
+        F.rms_norm(bf16(2, 64), (64,), weight, 1e-6)  # under the device-bound threshold: native, no query
+        assert busy_device["asked"] == 0
+        F.rms_norm(bf16(64, 64), (64,), weight, 1e-6)  # at it, device idle: native
+        busy_device["busy"] = True
+        F.rms_norm(bf16(64, 64), (64,), weight, 1e-6)  # at it, device busy: FlagGems
     assert busy_device["asked"] == 2
     assert [call[0] for call in fake_gems.calls] == ["rms_norm"]
     assert fallbacks("torch.rms_norm") == {"native by profile": 2}
     torch.use_deterministic_algorithms(True)  # the path must not depend on timing: size alone decides
     try:
-        F.rms_norm(bf16(64, 64), (64,), weight, 1e-6)
+        with torch.no_grad():
+            F.rms_norm(bf16(64, 64), (64,), weight, 1e-6)
     finally:
         torch.use_deterministic_algorithms(False)
     assert busy_device["asked"] == 2 and fallbacks("torch.rms_norm") == {"native by profile": 3}
+    # grad mode on (training): size alone too, so that a checkpointed layer's recomputation takes its forward's path
+    F.rms_norm(bf16(64, 64).requires_grad_(), (64,), weight, 1e-6)
+    assert busy_device["asked"] == 2 and fallbacks("torch.rms_norm") == {"native by profile": 4}
     assert routing.describe()["families"]["rms_norm"]["device_bound"]["min_elements"] == 4096
 
 

@@ -257,12 +257,19 @@ CALLS = {
     "padded": (5, 5, "padded", {}),
     "is_causal=False": (5, 5, None, {"is_causal": False}),
     "neutral kwargs": (5, 5, None, {"sliding_window": 3, "position_ids": torch.arange(5)[None], "use_cache": True}),
+    "Trainer's kwargs": (5, 5, "padded", {"num_items_in_batch": torch.tensor(7), "output_hidden_states": True,
+                                          "output_router_logits": False, "labels": torch.arange(5)[None]}),
+    "flash's packing kwargs": (5, 5, None, {"cu_seq_lens_q": torch.tensor([0, 5], dtype=torch.int32),
+                                             "cu_seq_lens_k": torch.tensor([0, 5], dtype=torch.int32),
+                                             "max_length_q": 5, "max_length_k": 5, "deterministic": True}),
 }
 FALLBACKS = {
     # name: (keyword arguments, reason counted)
     "dropout": ({"dropout": 0.5}, "dropout"),
     "position_bias": ({"position_bias": torch.randn(1, 2, 5, 5)}, "position_bias"),
     "output_attentions": ({"output_attentions": True}, "output_attentions"),
+    "s_aux": ({"s_aux": torch.zeros(2)}, "s_aux"),
+    "indices": ({"indices": torch.zeros(2, 5, 2, dtype=torch.long)}, "indices"),
     "unknown": ({"mystery": 1}, "mystery"),
 }
 
@@ -311,6 +318,25 @@ def test_attention_hands_what_the_kernel_cant_honour_to_sdpa(name):
     expected, _ = sdpa_attention_forward(module, query, key, value, None, scaling=0.2, **kwargs)
     assert torch.equal(out, expected)
     assert sdpa_record()["fallbacks"] == {reason: 1}
+
+
+def test_a_training_forward_with_trainers_arguments_runs_the_attention_kernel(monkeypatch):
+    """transformers.Trainer passes num_items_in_batch to every training forward; output_hidden_states is a common
+    choice. Both reach the attention function through **kwargs and change nothing there."""
+    model = coverage.build("llama").train()
+    input_ids, attention_mask = coverage.padded_batch()
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_hidden_states=True,
+                  num_items_in_batch=torch.tensor(11))
+    expected = model(**kwargs)
+    calls = coverage.spy_on_kernels(monkeypatch)
+    fl_patch.apply(kernels="reference", include=ATTENTION_ROWS)
+    out = model(**kwargs)
+    assert calls["attention"] == model.config.num_hidden_layers and sdpa_record()["fallbacks"] == {}
+    assert relative_diff(out.logits, expected.logits) <= 1e-5
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=0)
+    for hidden, want in zip(out.hidden_states, expected.hidden_states, strict=True):
+        assert relative_diff(hidden, want) <= 1e-5
 
 
 def test_softcap_goes_to_sdpa_which_refuses_it_as_before():

@@ -813,9 +813,10 @@ def _mm_apply(original: Callable, rec, provider: str) -> Callable:
         if reason is None:
             try:
                 output = kernel(input_tensor, weight, bias)
-                return output + self.apply_lora(input_tensor) if self.has_lora_branch else output
             except Exception as exc:
                 reason = kernel_failed(rec, exc)
+            else:  # the LoRA branch is LightX2V's code, not the kernel: what it raises reaches the caller
+                return output + self.apply_lora(input_tensor) if self.has_lora_branch else output
         rec.fallback(reason)
         return original(self, input_tensor)
 

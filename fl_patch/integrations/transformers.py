@@ -530,13 +530,27 @@ def classify(table: str, function: types.FunctionType, owner: type | None = None
 # ---------------------------------------------------------------------------------------------------------
 # Attention
 
-# Keyword arguments that sdpa_attention_forward ignores and that leave its result unchanged: bookkeeping, or
-# already in the mask the sdpa mask builder made (sliding_window); is_causal is read here as sdpa reads it.
-# Any other keyword, when set (not None / False), sends the call to the original: softcap, s_aux (sinks),
-# position_bias, a paged cache, output_attentions, and whatever a future release adds.
+# Keyword arguments that may reach the attention function and leave sdpa_attention_forward's result unchanged
+# (it ignores them); is_causal is read here as sdpa reads it. Audited on transformers 5.25: the keywords every
+# modeling file passes to attention_interface, and those that reached it in a training forward (labels,
+# output_hidden_states=True, num_items_in_batch, backward) and in generate() of every causal-LM type built tiny.
+# - bookkeeping of the model's forward and outputs, which **kwargs carries down to attention: num_items_in_batch
+#   (transformers.Trainer passes it to every training forward), output_hidden_states, output_router_logits,
+#   labels (gemma4), use_cache, cache_position (earlier 5.x), logits_to_keep, position_ids (rope is applied
+#   before attention);
+# - already in the mask the sdpa mask builder made: sliding_window;
+# - flash-attention only: cu_seq_lens_q/k, max_length_q/k, seq_idx (packed sequences: the sdpa mask carries the
+#   packing, found from position_ids), deterministic (flash's backward).
+# Any other keyword, when set (not None / False), sends the call to the original: it may change the result or
+# ask for something the kernel does not give. In 5.25: softcap, s_aux and sinks (attention sinks),
+# position_bias, indices and block_indices (sparse attention), cross_attention_mask and
+# full_text_row_masked_out_mask, output_attentions=True (weights); and whatever a later release adds.
 ATTENTION_NEUTRAL_KWARGS = frozenset({
-    "is_causal", "position_ids", "cache_position", "use_cache", "sliding_window", "logits_to_keep",
-    "output_router_logits",
+    "is_causal",
+    "num_items_in_batch", "output_hidden_states", "output_router_logits", "labels", "use_cache", "cache_position",
+    "logits_to_keep", "position_ids",
+    "sliding_window",
+    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx", "deterministic",
 })
 
 
@@ -839,9 +853,11 @@ def _swiglu_forward(kernel, unsupported, native, provider: str, original, rec, s
         reason = unsupported(provider, gate, up)
         if reason is None:
             try:
-                return self.down_proj(kernel(gate, up))
+                hidden = kernel(gate, up)
             except Exception as exc:
                 reason = kernel_failed(rec, exc)
+            else:  # down_proj is the model's module (hooks, a patched F.linear): not part of the kernel call
+                return self.down_proj(hidden)
         elif reason in NATIVE_ROUTES and gate.shape == up.shape:
             rec.fallback(reason)
             return self.down_proj(native(gate, up))

@@ -19,6 +19,13 @@ last when liger_kernel is importable, as it can't be reverted.
    |variant(t) - hf(t)| <= max(3 x noise, 2**-8 x hf(0))`` (the floor: one bf16 ulp of the first loss, so that
    an unusually quiet HF pair does not make the bound zero). ``hf_fp32``'s distance is shown, not judged.
 
+3. ``checkpointing``: Llama-style and Gemma3-style models (Gemma3: RMSNorm ``x * (1 + w)`` on FlagGems, the last
+   op of each layer; Llama: a linear), the step of ``gradients`` with gradient checkpointing on, non-reentrant
+   (transformers' default: its recomputation stops by raising inside the layer's last op) and reentrant. Judged
+   as ``gradients`` against the same exact fp32 step, for ``hf``, ``fl_patch`` and ``fl_patch_all`` (no device
+   profile: every call a kernel takes runs FlagGems, RMSNorm's forward and recomputation among them). A variant
+   also fails on a kernel error in its report, and ``fl_patch_all`` if an RMSNorm call went to the original.
+
 The JSON is rewritten after every case, so a run cut short keeps what it measured; ``--budget-s`` (default 170)
 skips what would not fit and says so.
 """
@@ -46,13 +53,18 @@ STEPS, LR = 50, 1e-3
 
 
 def config(name: str, dry_run: bool):
-    from transformers import LlamaConfig, Qwen3Config
-
     sizes = (dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, vocab_size=512) if dry_run else
              dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4, head_dim=64, vocab_size=32000))
-    return {"llama": LlamaConfig, "qwen3": Qwen3Config}[name](max_position_embeddings=1024, **sizes)
+    return CONFIGS[name]()(max_position_embeddings=1024, **sizes)
+
+
+CONFIGS = {  # name -> a function giving the config class (transformers imported when a model is built)
+    "llama": lambda: __import__("transformers").LlamaConfig,
+    "qwen3": lambda: __import__("transformers").Qwen3Config,
+    "gemma3": lambda: __import__("transformers").Gemma3TextConfig,
+}
 
 
 def build(name: str, dry_run: bool, device: str):
@@ -88,6 +100,12 @@ def liger(name: str, model) -> None:
 def fallbacks() -> dict:
     """Per patched place with fallbacks: {reason: count} (what did not run on the kernel, and why)."""
     return {r["where"]: r["fallbacks"] for r in fl_patch.report() if r.get("fallbacks")}
+
+
+def kernel_errors(seen: dict) -> list[str]:
+    """The fallbacks of `seen` (as :func:`fallbacks` gives them) that a kernel's failure caused."""
+    return [f"{where}: {reason}" for where, reasons in seen.items() for reason in reasons
+            if reason.startswith("kernel error") or reason == "flag_gems unusable"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,29 +245,93 @@ def judge_curves(out: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# 3. gradient checkpointing
+
+CHECKPOINTING = {"non_reentrant": {"use_reentrant": False}, "reentrant": {"use_reentrant": True}}
+
+
+def checkpointing(name, args, device, kernels, save, out) -> None:
+    model = build(name, args.dry_run, device)
+    ids, labels = gradient_batch(model.config.vocab_size, args.dry_run, device)
+    model.train()
+    loss, exact, _, _ = one_step(model, ids, labels, device)  # checkpointing changes no number in fp32
+    out["hf_fp32"] = {"loss": loss}
+    model.to(torch.bfloat16)
+    norms = {f".{type(m).__qualname__}.forward" for m in model.modules() if "RMSNorm" in type(m).__name__}
+    cases = [("hf", contextlib.nullcontext), ("fl_patch", lambda: fl_patch.patched(kernels=kernels)),
+             ("fl_patch_all", lambda: fl_patch.patched(kernels=kernels, profile="off"))]
+    for mode, kwargs in CHECKPOINTING.items():
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        entries, hf = out.setdefault(mode, {}), None
+        for variant, context in cases:
+            with context():
+                loss, grads, peak, _ = one_step(model, ids, labels, device)
+                seen = fallbacks() if variant.startswith("fl_patch") else {}
+            hf = grads if variant == "hf" else hf
+            entry = {"loss": loss, "peak_gib": round(peak, 3), **judge_gradients(grads, hf, exact)}
+            entry["loss_ok"] = abs(loss - entries.get("hf", {"loss": loss})["loss"]) <= 2**-7 * abs(loss)
+            entry["kernel_errors"] = kernel_errors(seen)
+            entry["rms_norm_fallbacks"] = {w: r for w, r in seen.items() if w.endswith(tuple(norms))}
+            entry["pass"] = (entry["loss_ok"] and not entry["failed"] and not entry["kernel_errors"]
+                             and not (variant == "fl_patch_all" and entry["rms_norm_fallbacks"]))
+            entry["fallbacks"] = seen
+            entries[variant] = entry
+            print(f"  checkpointing {name} {mode:<13} {variant:<12} loss {loss:.4f} worst err/bound "
+                  f"{entry['worst_err_over_bound']:.2f} peak {peak:.2f} GiB {'pass' if entry['pass'] else 'FAIL'}",
+                  flush=True)
+            save()
+    model.gradient_checkpointing_disable()
+
+
+# ---------------------------------------------------------------------------------------------------------
 
 
 def markdown(results: dict) -> str:
     lines = [f"# Training on {results['device']}, {results['date']}", "", f"versions: {results['versions']}", ""]
     for name, parts in results["models"].items():
-        lines += [f"## {name}", "", "| gradients | loss | worst err / bound | peak GiB | logits None | pass |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        for variant, e in parts.get("gradients", {}).items():
-            if "worst_err_over_bound" in e:
-                lines.append(f"| {variant} | {e['loss']:.4f} | {e['worst_err_over_bound']:.2f} | {e['peak_gib']:.2f} "
-                             f"| {e['logits_none']} | {e['pass']} |")
-        rule = parts.get("curves", {}).get("rule", {})
-        lines += ["", f"curves: bound {rule.get('bound', float('nan')):.4g} = max(3 x HF eager vs HF noise "
+        lines += [f"## {name}", ""]
+        if "gradients" in parts:
+            lines += ["| gradients | loss | worst err / bound | peak GiB | logits None | pass |",
+                      "| --- | --- | --- | --- | --- | --- |"]
+            for variant, e in parts["gradients"].items():
+                if "worst_err_over_bound" in e:
+                    lines.append(f"| {variant} | {e['loss']:.4f} | {e['worst_err_over_bound']:.2f} | "
+                                 f"{e['peak_gib']:.2f} | {e['logits_none']} | {e['pass']} |")
+            lines.append("")
+        if "curves" in parts:
+            rule = parts["curves"].get("rule", {})
+            lines += [f"curves: bound {rule.get('bound', float('nan')):.4g} = max(3 x HF eager vs HF noise "
                       f"{rule.get('noise_hf_eager_vs_hf', float('nan')):.4g}, one bf16 ulp of the first loss)", "",
-                  "| curve | first | last | max diff vs hf | pass |", "| --- | --- | --- | --- | --- |"]
-        for variant, e in parts.get("curves", {}).items():
-            if isinstance(e, dict) and "losses" in e:
-                lines.append(f"| {variant} | {e['losses'][0]:.4f} | {e['losses'][-1]:.4f} | "
-                             f"{e.get('max_diff_vs_hf', 0):.4g} | {e.get('pass', '-')} |")
-            elif isinstance(e, dict) and ("skipped" in e or "error" in e):
-                lines.append(f"| {variant} | {e.get('skipped') or e.get('error')} | | | |")
-        lines.append("")
+                      "| curve | first | last | max diff vs hf | pass |", "| --- | --- | --- | --- | --- |"]
+            for variant, e in parts["curves"].items():
+                if isinstance(e, dict) and "losses" in e:
+                    lines.append(f"| {variant} | {e['losses'][0]:.4f} | {e['losses'][-1]:.4f} | "
+                                 f"{e.get('max_diff_vs_hf', 0):.4g} | {e.get('pass', '-')} |")
+                elif isinstance(e, dict) and ("skipped" in e or "error" in e):
+                    lines.append(f"| {variant} | {e.get('skipped') or e.get('error')} | | | |")
+            lines.append("")
+        if "checkpointing" in parts:
+            part = parts["checkpointing"]
+            lines += ["| checkpointing | loss | worst err / bound | peak GiB | kernel errors | RMSNorm fallbacks "
+                      "| pass |", "| --- | --- | --- | --- | --- | --- | --- |"]
+            for problem in ("skipped", "error"):
+                if problem in part:
+                    lines.append(f"| {part[problem][problem]} | | | | | | |")
+            for mode in CHECKPOINTING:
+                for variant, e in part.get(mode, {}).items():
+                    norm_fallbacks = sum(n for reasons in e["rms_norm_fallbacks"].values() for n in reasons.values())
+                    lines.append(f"| {mode} {variant} | {e['loss']:.4f} | {e['worst_err_over_bound']:.2f} | "
+                                 f"{e['peak_gib']:.2f} | {len(e['kernel_errors'])} | {norm_fallbacks} | {e['pass']} |")
+            lines.append("")
     return "\n".join(lines)
+
+
+def verdicts_in(tree) -> list[bool]:
+    """Every ``pass`` under `tree` (nested dicts)."""
+    if not isinstance(tree, dict):
+        return []
+    own = [tree["pass"]] if "pass" in tree else []
+    return own + [verdict for value in tree.values() for verdict in verdicts_in(value)]
 
 
 def main() -> int:
@@ -257,6 +339,8 @@ def main() -> int:
     parser.add_argument("--out-dir", required=True)
     parser.add_argument("--dry-run", action="store_true", help="CPU, torch reference kernels, tiny models")
     parser.add_argument("--models", default="llama,qwen3")
+    parser.add_argument("--checkpointing-models", default="llama,gemma3",
+                        help="models of part 3, gradient checkpointing ('' for none)")
     parser.add_argument("--budget-s", type=float, default=170.0)
     args = parser.parse_args()
     fl_patch.revert()
@@ -277,21 +361,25 @@ def main() -> int:
         (out_dir / "train-gpu.json").write_text(json.dumps(clean, indent=2))
 
     started = time.perf_counter()
-    names = args.models.split(",")
-    for name in names:
-        parts = results["models"].setdefault(name, {"gradients": {}, "curves": {}})
-        for part, run in (
-                ("gradients", lambda n=name, p=parts: gradients(n, args, device, kernels, save, p["gradients"])),
-                ("curves", lambda n=name, p=parts: curves(n, args, device, kernels, save, p["curves"], started))):
-            if time.perf_counter() - started > args.budget_s:
-                parts[part]["skipped"] = {"skipped": f"over the {args.budget_s:.0f} s budget"}
-                continue
-            try:
-                run()
-            except Exception as exc:  # one part's failure must not lose the others
-                parts[part]["error"] = {"error": f"{type(exc).__name__}: {exc}"}
-                traceback.print_exc()
-            save()
+    names = [name for name in args.models.split(",") if name]
+    parts_to_run = [(name, part) for name in names for part in ("gradients", "curves")] + [
+        (name, "checkpointing") for name in args.checkpointing_models.split(",") if name]
+    runners = {
+        "gradients": lambda n, out: gradients(n, args, device, kernels, save, out),
+        "curves": lambda n, out: curves(n, args, device, kernels, save, out, started),
+        "checkpointing": lambda n, out: checkpointing(n, args, device, kernels, save, out),
+    }
+    for name, part in parts_to_run:
+        entry = results["models"].setdefault(name, {}).setdefault(part, {})
+        if time.perf_counter() - started > args.budget_s:
+            entry["skipped"] = {"skipped": f"over the {args.budget_s:.0f} s budget"}
+            continue
+        try:
+            runners[part](name, entry)
+        except Exception as exc:  # one part's failure must not lose the others
+            entry["error"] = {"error": f"{type(exc).__name__}: {exc}"}
+            traceback.print_exc()
+        save()
     for name in names:  # Liger last: it can't be reverted
         entry = results["models"][name]["curves"]
         model, initial = entry.pop("_model", (None, None))
@@ -310,8 +398,7 @@ def main() -> int:
     save()
     (out_dir / "train-gpu.md").write_text(markdown(results))
     print(markdown(results))
-    verdicts = [e["pass"] for parts in results["models"].values() for part in parts.values()
-                for e in part.values() if isinstance(e, dict) and "pass" in e]
+    verdicts = verdicts_in(results["models"])
     errors = [part["error"] for parts in results["models"].values() for part in parts.values() if "error" in part]
     print(f"train_gpu: {sum(verdicts)}/{len(verdicts)} checks pass, {len(errors)} errors, "
           f"{time.perf_counter() - started:.0f} s", flush=True)
