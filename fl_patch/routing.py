@@ -167,7 +167,7 @@ def router(key: str, lifted: bool) -> Callable:
         elements = tensor.numel()
         if (elements < decided[5] or elements > decided[6]) and _measuring(key, tensor):
             return None  # the kernel's watch runs this call on one side or the other, timed
-        if elements >= decided[0] or (elements >= decided[2] and not _recording(tensor) and _busy(tensor.device)):
+        if elements >= decided[0] or (elements >= decided[2] and _busy(tensor.device)):
             return None
         return decided[1]
 
@@ -178,18 +178,18 @@ def _measuring(key: str, tensor) -> bool:
     """Whether this call of `key`, outside its measured range, is handed to calibration (module docstring);
     False where calibration must not run now: then it routes by the prior."""
     device = tensor.device
-    if not _routing.calibrate or _recording(tensor) or _deterministic() or _capturing(device):
+    if not _routing.calibrate or _grad_mode() or _deterministic() or _capturing(device):
         return False
     regime = calibration.DEVICE_BOUND if _busy(device) else calibration.LAUNCH_BOUND
     calibration.ask(key, tensor.numel(), regime)
     return True
 
 
-def _recording(tensor) -> bool:
-    """Whether autograd records this call. Its path must then depend on nothing but its size and what was decided
-    before: gradient checkpointing runs the forward again in the backward and requires the same ops to save the
-    same tensors, so neither the device's business nor calibration's turn may choose it."""
-    return tensor.requires_grad and sys.modules["torch"].is_grad_enabled()
+def _grad_mode() -> bool:
+    """Whether grad mode is on. A call's path must then depend on nothing but its size and what was decided before:
+    gradient checkpointing runs the forward again in the backward and requires the same ops to save the same
+    tensors, so neither the device's business (:func:`_busy`) nor calibration's turn may choose it."""
+    return sys.modules["torch"].is_grad_enabled()
 
 
 def _capturing(device) -> bool:
@@ -284,7 +284,7 @@ def _busy(device) -> bool:
     alone, not on timing. In training that matters beyond speed: gradient checkpointing runs a layer's forward
     again in backward and requires the recomputation to save the same tensors as the first run, so both must
     take the same path (the device-bound regime is measured without grad, as inference runs)."""
-    if _deterministic() or sys.modules["torch"].is_grad_enabled():
+    if _deterministic() or _grad_mode():
         return False
     probe = _routing.probes.get(device.type)
     if probe is None:

@@ -69,8 +69,11 @@ def x_of(rows, width=64):
 
 
 def call(rows, width=64):
+    """One inference call (grad mode off, as generate() and inference loops run: calls in grad mode are never
+    measured)."""
     x = x_of(rows, width)
-    return F.rms_norm(x, (width,), torch.ones(width, dtype=torch.bfloat16), 1e-6)
+    with torch.no_grad():
+        return F.rms_norm(x, (width,), torch.ones(width, dtype=torch.bfloat16), 1e-6)
 
 
 def gems_calls(fake_gems):
@@ -368,7 +371,7 @@ def test_fl_patch_check_certifies_forms_and_keeps_a_failed_one_native(device, fa
     assert verification.failed("rope.hf") is not None
 
 
-def test_calls_autograd_records_are_never_measured_nor_routed_by_the_device_business(device, fake_gems, costs,
+def test_calls_in_grad_mode_are_never_measured_nor_routed_by_the_device_business(device, fake_gems, costs,
                                                                                    monkeypatch):
     """Gradient checkpointing recomputes the forward and needs each call to take the same path again."""
     fl_patch.apply(kernels="gems", exclude=["attention", "linear"])
