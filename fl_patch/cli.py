@@ -2,9 +2,11 @@
 
 ``fl-patch run -- CMD ARGS...`` runs CMD with the bootstrap directory first on PYTHONPATH, so CMD and
 every Python process it starts (torchrun workers, multiprocessing children) activate fl_patch with zero
-code changes. ``fl-patch status [--json]`` imports torch (and transformers, if installed), applies from
-the environment and prints the environment and every target with its state. ``fl-patch check`` and
-``fl-patch tune`` (their options: ``fl-patch check -h``) are fl_patch.conformance and fl_patch.tuning.
+code changes. ``fl-patch bootstrap-path`` prints that directory, for setting PYTHONPATH yourself (a job
+script, a container's environment). ``fl-patch status [--json]`` imports torch (and transformers, if
+installed), applies from the environment and prints the environment and every target with its state.
+``fl-patch check`` and ``fl-patch tune`` (their options: ``fl-patch check -h``) are fl_patch.conformance and
+fl_patch.tuning. ``fl-patch --version`` prints fl_patch's version.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ import sysconfig
 
 def bootstrap_dir() -> str:
     """The directory holding fl_patch's ``sitecustomize.py``: beside the package in a checkout or an
-    editable install, else where the wheel installed it (``<data>/share/fl_patch/sitecustomize``)."""
+    editable install, else where the wheel installed it (``<data>/share/fl_patch/sitecustomize``, ``<data>``
+    being the environment's prefix, or the user base after ``pip install --user``). Raises FileNotFoundError
+    naming the places looked at."""
     package_dir = os.path.dirname(os.path.abspath(__file__))
-    candidates = [
-        os.path.join(os.path.dirname(package_dir), "sitecustomize"),
-        os.path.join(sysconfig.get_path("data"), "share", "fl_patch", "sitecustomize"),
-    ]
+    installed = [os.path.join(sysconfig.get_path("data", scheme), "share", "fl_patch", "sitecustomize")
+                 for scheme in (sysconfig.get_default_scheme(), sysconfig.get_preferred_scheme("user"))]
+    candidates = [os.path.join(os.path.dirname(package_dir), "sitecustomize"), *dict.fromkeys(installed)]
     for candidate in candidates:
         if os.path.isfile(os.path.join(candidate, "sitecustomize.py")):
             return candidate
@@ -38,17 +41,33 @@ def run(command: list[str]) -> int:
     if not command:
         print("fl-patch run: give a command, e.g. fl-patch run -- python train.py", file=sys.stderr)
         return 2
+    try:
+        bootstrap = bootstrap_dir()
+    except FileNotFoundError as exc:
+        print(f"fl-patch run: {exc}", file=sys.stderr)
+        return 1
     flag = site_disabling_flag(command)
     if flag:
         print(f"fl-patch run: warning: {flag} makes Python skip sitecustomize, so {command[0]} runs unpatched",
               file=sys.stderr)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (bootstrap_dir(), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (bootstrap, env.get("PYTHONPATH", "")) if p)
     try:
         os.execvpe(command[0], command, env)
     except OSError as exc:
         print(f"fl-patch run: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
         return 127
+
+
+def bootstrap_path() -> int:
+    """Print the directory to put first on PYTHONPATH for zero-code activation (what ``fl-patch run`` puts
+    there), alone on one line; 1 with a message when it can't be found."""
+    try:
+        print(bootstrap_dir())
+    except FileNotFoundError as exc:
+        print(f"fl-patch bootstrap-path: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def site_disabling_flag(command: list[str]) -> str | None:
@@ -77,9 +96,13 @@ def site_disabling_flag(command: list[str]) -> str | None:
 def status(as_json: bool) -> int:
     """Print the environment and every target's state after applying from the environment. A setting that
     can't be read is said once on stderr, and the exit status is 2; the rest is still shown."""
-    from fl_patch import environment, reporting, runtime, settings
+    from fl_patch import environment, reporting, runtime, settings, table
 
     info = environment.describe()
+    try:
+        info["bootstrap"] = bootstrap_dir()
+    except FileNotFoundError as exc:
+        info["bootstrap"] = f"not found ({exc})"
     chosen, problems = settings.load_lenient()
     environment.import_targets()
     try:
@@ -98,13 +121,15 @@ def status(as_json: bool) -> int:
         print("fl_patch status")
         for key, value in info.items():
             print(f"  {key:<18} {value}")
-        print("  settings          " + ", ".join(f"{k}={v}" for k, v in environment.settings_dict(chosen).items()))
+        print(f"  {'settings':<18} " + ", ".join(f"{k}={v}" for k, v in environment.settings_dict(chosen).items()))
         print(f"  {profile['summary']}")
-        for family, entry in profile.get("families", {}).items():
-            print(f"    {family:<11} {_route_words(entry, compiled_shown=True)}: {entry['why']}" + (
+        families = profile.get("families", {})
+        form_width = max((len(form) for entry in families.values() for form in entry.get("forms", {})), default=0)
+        for family, entry in families.items():
+            print(f"    {family:<{table.FAMILY_WIDTH}} {_route_words(entry, compiled_shown=True)}: {entry['why']}" + (
                 f" ({entry['lifted']})" if "lifted" in entry else ""))
             for form, own in entry.get("forms", {}).items():
-                print(f"      {form:<9} {_route_words(own)}: {own['why']}")
+                print(f"      {form:<{form_width}} {_route_words(own)}: {own['why']}")
         for line in warnings:
             print(f"  warning: {line}")
         print(reporting.format_table(records))
@@ -143,6 +168,7 @@ DELEGATED = {"check": ("fl_patch.conformance", "conformance of fl_patch's kernel
 
 def main(argv: list[str] | None = None) -> int:
     """The ``fl-patch`` command. Exit status: the command's, 2 for bad arguments or settings."""
+    import fl_patch
     from fl_patch import _bootstrap
 
     _bootstrap.uninstall()  # `import fl_patch` set up automatic activation: each command applies (or not) itself
@@ -152,17 +178,17 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="fl-patch", description="Run code on FlagGems/FlagCX with no changes.")
+    parser.add_argument("--version", action="version", version=f"fl-patch {fl_patch.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="run a command with the fl_patch bootstrap on PYTHONPATH")
     run_parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command and its arguments")
+    commands.add_parser("bootstrap-path", help="print the directory to put first on PYTHONPATH (what run does)")
     status_parser = commands.add_parser("status", help="show the environment and every target's state")
     status_parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     for name, (_, help_text) in DELEGATED.items():
         commands.add_parser(name, help=help_text, add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command in DELEGATED:
-        import fl_patch
-
         fl_patch.revert()  # they compare with the originals: no activation when their import brings torch in
         return importlib.import_module(DELEGATED[args.command][0]).main(rest)
     if rest:
@@ -170,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         return run(command)
+    if args.command == "bootstrap-path":
+        return bootstrap_path()
     return status(args.json)
 
 

@@ -312,8 +312,9 @@ def records() -> list[dict]:
                 out.append(reporting.Record(target.family, target.name, target.module, state="waiting",
                                          reason=f"{target.module} not imported yet").as_dict())
         for target in _state.excluded:
+            reason = table.Registry.why_not_selected(target, _state.settings.include, _state.settings.exclude)
             out.append(reporting.Record(target.family, target.name, target.module, state="excluded",
-                                     reason="excluded by settings").as_dict())
+                                        reason=reason).as_dict())
         return out
 
 

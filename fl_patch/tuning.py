@@ -73,6 +73,7 @@ import torch
 import fl_patch
 from fl_patch import devices, kernel_cases, profiles
 from fl_patch.kernel_cases import Form, size_label
+from fl_patch.table import FAMILY_WIDTH
 from fl_patch.versions import stack_versions
 
 DEVICE_SIZES = tuple(1 << exponent for exponent in range(12, 27, 2))
@@ -187,7 +188,8 @@ def redecide(source: Path, out: Path) -> int:
                  for form in dict.fromkeys(p["form"] for p in measured if p.get("regime") != COMPILED)}
         if forms:
             entry.update(family_decision(forms), forms=forms)
-            print(f"  {family:<11} {_route(entry):<22} ({', '.join(f'{f} {_route(d)}' for f, d in forms.items())})")
+            decided = ", ".join(f"{form} {_route(decision)}" for form, decision in forms.items())
+            print(f"  {family:<{FAMILY_WIDTH}} {_route(entry):<22} ({decided})")
     data["rule"] = RULE
     profiles.write(data, out)
     print(f"fl-patch tune: decided again from {source}'s measurements; wrote {out}")
@@ -614,7 +616,7 @@ class Tuner:
         print(f"fl-patch tune: {len(self.decisions)} forms measured in {data['elapsed_s']} s; wrote {self.out}")
         for family, entry in data["families"].items():
             forms = ", ".join(f"{form} {_route(decision)}" for form, decision in entry["forms"].items())
-            print(f"  {family:<11} {_route(entry):<22} ({forms})")
+            print(f"  {family:<{FAMILY_WIDTH}} {_route(entry):<22} ({forms})")
 
 
 def _route(decision: dict) -> str:

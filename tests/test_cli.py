@@ -1,6 +1,8 @@
 """The fl-patch command as a Unix tool, and the text report: subprocesses where the process matters."""
 
 import configparser
+import json
+import os
 import re
 import subprocess
 import sys
@@ -83,3 +85,76 @@ def test_metadata_has_no_deprecated_license_classifier():
     config.read(REPO / "setup.cfg")
     assert "License ::" not in config["metadata"].get("classifiers", "")
     assert config["metadata"]["license"] == "Apache-2.0"
+
+
+def test_version_option_prints_fl_patch_version():
+    result = subprocess.run([sys.executable, "-m", "fl_patch", "--version"], capture_output=True, text=True,
+                            cwd=REPO, timeout=60)
+    assert result.returncode == 0 and result.stdout == f"fl-patch {fl_patch.__version__}\n"
+
+
+def test_status_shows_fl_patch_version_and_bootstrap_and_no_internal_setting():
+    text = run_python(STATUS, env={"FL_PATCH_KERNELS": "reference"}, bootstrap=False)
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[1].split() == ["fl_patch", fl_patch.__version__, f"({REPO / 'fl_patch'})"]
+    assert f"  bootstrap          {REPO / 'sitecustomize'}" in lines
+    [settings_line] = [line for line in lines if line.startswith("  settings ")]
+    assert settings_line.startswith("  settings           enabled=True,") and "kernels_explicit" not in settings_line
+    as_json = run_python(STATUS.replace("'status'", "'status', '--json'"), bootstrap=False)
+    status = json.loads(as_json.stdout)
+    assert status["environment"]["fl_patch"].startswith(fl_patch.__version__ + " (")
+    assert status["environment"]["bootstrap"] == str(REPO / "sitecustomize")
+    assert "kernels_explicit" not in status["settings"]
+
+
+def test_every_report_column_starts_at_one_offset_and_opt_in_rows_say_they_are_opt_in():
+    import torch  # noqa: F401
+
+    fl_patch.apply(kernels="reference")
+    lines = reporting.format_table(fl_patch.report()).splitlines()[1:-1]
+    assert any(line.split()[0] == "cross_entropy" for line in lines)
+    state_columns = {re.search(r"\S+\s+(\S)", line).start(1) for line in lines}
+    assert len(state_columns) == 1, lines
+    opt_in = [r for r in fl_patch.report() if r["target"] == "transformers.fused_linear_cross_entropy"]
+    assert [r["reason"] for r in opt_in] == [
+        "opt-in, not selected by default: FL_PATCH_INCLUDE=transformers.fused_linear_cross_entropy selects it"]
+    fl_patch.apply(kernels="reference", exclude=["cross_entropy"])
+    reasons = {r["target"]: r["reason"] for r in fl_patch.report() if r["family"] == "cross_entropy"}
+    assert set(reasons.values()) == {"excluded by FL_PATCH_EXCLUDE / exclude"}
+    fl_patch.apply(kernels="reference", include=["rms_norm"])
+    reasons = {r["target"]: r["reason"] for r in fl_patch.report()}
+    assert reasons["torch.linear"] == "not named in FL_PATCH_INCLUDE / include"
+
+
+def test_bootstrap_path_after_a_non_editable_install(tmp_path):
+    """A wheel installed into a fresh environment: `fl-patch bootstrap-path` prints the folder the wheel put the
+    bootstrap in, and an interpreter with that folder on PYTHONPATH runs fl_patch's sitecustomize."""
+    import shutil
+    import venv
+
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO / name, source / name)
+    for name in ("fl_patch", "sitecustomize"):
+        shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    wheels = tmp_path / "wheels"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                            str(wheels), str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr
+    target = tmp_path / "env"
+    venv.create(target, with_pip=False)
+    python = target / "bin" / "python"
+    installed = subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
+                                "--no-index", *map(str, wheels.glob("*.whl"))], capture_output=True, text=True,
+                               timeout=300)
+    assert installed.returncode == 0, installed.stderr
+    result = subprocess.run([str(target / "bin" / "fl-patch"), "bootstrap-path"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=60, env={"PATH": os.environ["PATH"]})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{target / 'share' / 'fl_patch' / 'sitecustomize'}\n"
+    started = subprocess.run([str(python), "-c", "import sys; print('fl_patch_sitecustomize' in sys.modules)"],
+                             capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                             env={"PATH": os.environ["PATH"], "PYTHONPATH": result.stdout.strip()})
+    assert started.stdout == "True\n", started.stderr
