@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -161,13 +162,18 @@ def _route_words(entry: dict, compiled_shown: bool = False) -> str:
                                 entry.get("compiled"), compiled_shown)
 
 
+TORCH_MISSING = ("torch is not installed: fl_patch patches PyTorch's ops; install torch first (the CPU build: "
+                 "pip install torch --index-url https://download.pytorch.org/whl/cpu)")
+INTERRUPTED = 130  # the exit status after Ctrl-C, as a shell gives (128 + SIGINT)
+
 # Commands whose module parses its own options (imported only when run: they import torch).
 DELEGATED = {"check": ("fl_patch.conformance", "conformance of fl_patch's kernels on this device"),
              "tune": ("fl_patch.tuning", "measure FlagGems against native here and write a device profile")}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``fl-patch`` command. Exit status: the command's, 2 for bad arguments or settings."""
+    """The ``fl-patch`` command. Exit status: the command's; 2 for bad arguments or settings, or torch not installed
+    (status, check and tune need it); 130 when interrupted (Ctrl-C)."""
     import fl_patch
     from fl_patch import _bootstrap
 
@@ -188,17 +194,24 @@ def main(argv: list[str] | None = None) -> int:
     for name, (_, help_text) in DELEGATED.items():
         commands.add_parser(name, help=help_text, add_help=False)
     args, rest = parser.parse_known_args(argv)
-    if args.command in DELEGATED:
-        fl_patch.revert()  # they compare with the originals: no activation when their import brings torch in
-        return importlib.import_module(DELEGATED[args.command][0]).main(rest)
-    if rest:
+    if rest and args.command not in DELEGATED:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "run":
         command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         return run(command)
     if args.command == "bootstrap-path":
         return bootstrap_path()
-    return status(args.json)
+    if importlib.util.find_spec("torch") is None:
+        print(f"fl-patch {args.command}: {TORCH_MISSING}", file=sys.stderr)
+        return 2
+    try:
+        if args.command in DELEGATED:
+            fl_patch.revert()  # they compare with the originals: no activation when their import brings torch in
+            return importlib.import_module(DELEGATED[args.command][0]).main(rest)
+        return status(args.json)
+    except KeyboardInterrupt:
+        print(f"fl-patch {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -158,3 +158,18 @@ def test_bootstrap_path_after_a_non_editable_install(tmp_path):
                              capture_output=True, text=True, cwd=tmp_path, timeout=60,
                              env={"PATH": os.environ["PATH"], "PYTHONPATH": result.stdout.strip()})
     assert started.stdout == "True\n", started.stderr
+
+
+@pytest.mark.parametrize("command", [["status"], ["check", "--quick"], ["tune", "--quick"]])
+def test_without_torch_a_command_says_so_in_one_line_and_exits_2(command):
+    """`python -S`: no site-packages, so no torch; the checkout alone on the path."""
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO)}
+    hidden = subprocess.run([sys.executable, "-S", "-c", "import torch"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert "No module named 'torch'" in hidden.stderr
+    result = subprocess.run([sys.executable, "-S", "-m", "fl_patch", *command], env=env, capture_output=True,
+                            text=True, cwd=REPO, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [f"fl-patch {command[0]}: torch is not installed: fl_patch patches PyTorch's"
+                                          " ops; install torch first (the CPU build: pip install torch --index-url"
+                                          " https://download.pytorch.org/whl/cpu)"]
