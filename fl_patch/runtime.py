@@ -176,6 +176,9 @@ def _run_row(target: table.Target, module: Any, s: settings_mod.Settings, genera
         with _state.lock:
             if _state.generation == generation:
                 _state.records.extend(records)
+        for rec in records:
+            log.debug("fl_patch: %s %s: %s (%s)%s", target.name, rec.state, rec.where, rec.provider,
+                      f": {rec.reason}" if rec.reason else "")
 
 
 def _on_import(module: Any) -> None:
@@ -223,7 +226,7 @@ def apply(settings: settings_mod.Settings | None = None, extra_targets: tuple[ta
         include, problems = _checked_names(registry, s, lenient)
         if _state.active:
             revert()
-        logging.getLogger("fl_patch").setLevel(s.log_level)
+        _show_log(s.log_level)
         routing.configure(s, registry)
         _state.settings, _state.registry = s, registry
         _state.selected, _state.excluded = registry.select(include, s.exclude)
@@ -241,6 +244,36 @@ def apply(settings: settings_mod.Settings | None = None, extra_targets: tuple[ta
     for name in watched:  # modules already imported are patched now, by this thread, outside the lock
         hooks.watch(name, _on_import)
     return problems
+
+
+class _StderrWhenUnhandled(logging.Handler):
+    """Writes fl_patch's log records to stderr (as it is when the record comes) when no other handler on the way to
+    the root logger takes them: where the application configured logging, its handlers show fl_patch's records,
+    once; where it didn't, Python would show warnings only (its last-resort handler), and FL_PATCH_LOG_LEVEL=INFO
+    or DEBUG would show nothing."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._taken_elsewhere(record):
+            return
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+    def _taken_elsewhere(self, record: logging.LogRecord) -> bool:
+        logger: logging.Logger | None = log
+        while logger is not None:
+            if any(handler is not self and record.levelno >= handler.level for handler in logger.handlers):
+                return True
+            logger = logger.parent if logger.propagate else None
+        return False
+
+
+def _show_log(level: str) -> None:
+    """Set fl_patch's logger to `level` (FL_PATCH_LOG_LEVEL) and make sure its records reach stderr once."""
+    log.setLevel(level)
+    if not any(isinstance(handler, _StderrWhenUnhandled) for handler in log.handlers):
+        log.addHandler(_StderrWhenUnhandled())
 
 
 INCLUDE_SETTING = "FL_PATCH_INCLUDE / include"
@@ -349,6 +382,8 @@ def activate(source: str) -> None:
         s, problems = settings_mod.load_at_startup()
         if not _state.active:
             problems += apply(s, lenient=True)  # equal settings already applied by another thread: apply returns
+            log.info("fl_patch (%s): active, kernels=%s; %d rows selected, %d left out; each patches when its module"
+                     " is imported", source, s.kernels, len(_state.selected), len(_state.excluded))
     except Exception as exc:
         if settings_mod.strict_from_env():
             raise
