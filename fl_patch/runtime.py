@@ -216,7 +216,9 @@ def apply(settings: settings_mod.Settings | None = None, extra_targets: tuple[ta
     Raises SettingsError for bad settings, unknown include/exclude names, or an include name that the exclude
     list removes entirely. With `lenient` (automatic activation) unknown include names and such clashes are
     dropped instead (exclude wins), and the returned list says what was ignored; an unknown exclude name still
-    raises (patching what was meant to be excluded could change the user's results).
+    raises (patching what was meant to be excluded could change the user's results). Whatever else raises while
+    applying (the hooks can't be set, or in strict mode a row fails on a module already imported) undoes every
+    change this apply made before it propagates: fl_patch is then not active, and the report is empty.
     """
     s = settings if settings is not None else settings_mod.load()
     with _state.lock:
@@ -241,8 +243,14 @@ def apply(settings: settings_mod.Settings | None = None, extra_targets: tuple[ta
             name = hooks.top_package(target.module) if target.is_pattern else target.module
             if name not in watched:
                 watched.append(name)
-    for name in watched:  # modules already imported are patched now, by this thread, outside the lock
-        hooks.watch(name, _on_import)
+    try:
+        for name in watched:  # modules already imported are patched now, by this thread, outside the lock
+            hooks.watch(name, _on_import)
+    except BaseException:
+        with _state.lock:  # all or nothing: what was patched is undone, and nothing is selected or active
+            revert()
+            _state.selected, _state.excluded, _state.records = [], [], []
+        raise
     return problems
 
 
@@ -322,6 +330,8 @@ def revert() -> list[Exception]:
 
 
 def is_active() -> bool:
+    """Whether an apply succeeded and has not been reverted since (its rows patched, or waiting for their
+    modules). False after an activation that failed."""
     return _state.active
 
 

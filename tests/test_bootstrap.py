@@ -234,3 +234,13 @@ def test_log_records_show_once_through_the_application_s_own_logging():
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines().count(f"app: fl_patch: {FALLBACK}") == 1
     assert all(line.startswith("app: ") for line in result.stderr.splitlines()), result.stderr
+
+
+def test_an_activation_that_fails_leaves_fl_patch_inactive(tmp_path):
+    broken = tmp_path / "wrapt"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('wrapt is broken here')\n")
+    code = f"import json, fl_patch; print(json.dumps([{PATCHED}, fl_patch.is_active(), fl_patch.report()]))"
+    result = run_python(code, env=REFERENCE, extra_path=[tmp_path])
+    assert last_json(result) == [False, False, []]
+    assert result.stderr.startswith("fl_patch (sitecustomize): did not activate (error ImportError): wrapt is broken")
