@@ -94,9 +94,14 @@ def site_disabling_flag(command: list[str]) -> str | None:
     return None
 
 
+SWITCHED_OFF = "FL_PATCH=0: the bootstrap and `import fl_patch` do nothing; fl_patch.apply() in code still patches"
+
+
 def status(as_json: bool) -> int:
-    """Print the environment and every target's state after applying from the environment. A setting that
-    can't be read is said once on stderr, and the exit status is 2; the rest is still shown."""
+    """Print the environment and every target's state after applying from the environment as automatic activation
+    would (with FL_PATCH=0: nothing applied, every row says so). Every setting fl_patch can't use (the rule in
+    fl_patch.settings) is said once on stderr, ``fl-patch status: <message>``, and the exit status is 2; the rest
+    is still shown."""
     from fl_patch import environment, reporting, runtime, settings, table
 
     info = environment.describe()
@@ -106,12 +111,15 @@ def status(as_json: bool) -> int:
         info["bootstrap"] = f"not found ({exc})"
     chosen, problems = settings.load_lenient()
     environment.import_targets()
-    try:
-        problems += runtime.apply(chosen, lenient=True)
-        records = runtime.records()
-    except settings.SettingsError as exc:
-        problems.append(f"{exc} (nothing was applied)")
-        records = runtime.unapplied_records("not applied: a setting can't be read")
+    if not chosen.enabled:
+        records = runtime.unapplied_records(SWITCHED_OFF)
+    else:
+        try:
+            problems += runtime.apply(chosen, lenient=True, source="fl-patch status", say=False)
+            records = runtime.records()
+        except settings.SettingsError as exc:
+            problems.append(f"{exc} (nothing was applied)")
+            records = runtime.unapplied_records("not applied: a setting can't be read")
     profile = _profile(chosen, problems)
     warnings = environment.early_bindings()
     if as_json:
@@ -143,6 +151,8 @@ def _profile(chosen, problems: list[str]) -> dict:
     """The device profile in force for the first accelerator here (looked up now, as a first call would)."""
     from fl_patch import environment, profiles, routing
 
+    if not chosen.enabled:
+        return {"state": "not used", "summary": "profile: not used (FL_PATCH=0)"}
     if chosen.kernels != "gems":
         return {"state": "not used", "summary": f"profile: not used (FL_PATCH_KERNELS={chosen.kernels})"}
     device = environment.first_device()

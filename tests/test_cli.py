@@ -173,3 +173,43 @@ def test_without_torch_a_command_says_so_in_one_line_and_exits_2(command):
     assert result.stderr.splitlines() == [f"fl-patch {command[0]}: torch is not installed: fl_patch patches PyTorch's"
                                           " ops; install torch first (the CPU build: pip install torch --index-url"
                                           " https://download.pytorch.org/whl/cpu)"]
+
+
+def bad_profiles(folder):
+    """FL_PATCH_PROFILE values fl_patch can't use: a missing file, garbage, a JSON list, an unknown schema."""
+    files = {"garbage.json": "garbage{", "list.json": "[1, 2]", "schema.json": '{"schema": 99}'}
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return [str(folder / name) for name in ("missing.json", *files)]
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("FL_PATCH_KERNELS", "bogus"), ("FL_PATCH_EXCLUDE", "bogus"), ("FL_PATCH_INCLUDE", "rms_norm,bogus"),
+    *[("FL_PATCH_PROFILE", index) for index in range(4)], ("FL_PATCH_GEMS_UNUSED", "notanop"),
+])
+def test_every_bad_setting_follows_one_rule(tmp_path, variable, value):
+    """`fl-patch status` exits 2 with one line per bad setting; the automatic activation says the same message once,
+    naming its path; each names the setting, what is accepted and what was done instead."""
+    if variable == "FL_PATCH_PROFILE":
+        value = bad_profiles(tmp_path)[value]
+    env = {variable: value, "FL_PATCH_KERNELS": "gems"} if variable != "FL_PATCH_KERNELS" else {variable: value}
+    status = run_python(STATUS, env=env, bootstrap=False)
+    assert status.returncode == 2 and "Traceback" not in status.stderr
+    [line] = status.stderr.splitlines()
+    assert line.startswith(f"fl-patch status: {variable}")
+    message = line.removeprefix("fl-patch status: ").removesuffix(" (nothing was applied)")
+    assert "accepted: " in message.lower() and "did you mean" not in message
+    assert re.search(r"(ignored|nothing was applied)", line, re.IGNORECASE), line
+    started = run_python("import torch", env=env)
+    assert started.returncode == 0
+    [said] = started.stderr.splitlines()
+    assert said.startswith("fl_patch (sitecustomize): ") and said.endswith(message), said
+
+
+def test_status_with_fl_patch_0_applies_nothing_and_says_why():
+    result = run_python(STATUS.replace("'status'", "'status', '--json'"), env={"FL_PATCH": "0"}, bootstrap=False)
+    assert result.returncode == 0, result.stderr
+    targets = json.loads(result.stdout)["targets"]
+    assert len(targets) > 30 and {r["state"] for r in targets} == {"skipped"}
+    assert {r["reason"] for r in targets} == {
+        "FL_PATCH=0: the bootstrap and `import fl_patch` do nothing; fl_patch.apply() in code still patches"}
