@@ -12,7 +12,9 @@ import warnings
 
 def verdict(wanted: str) -> tuple[bool, str]:
     """(whether the installed torch is what .ci/setup means to install, one line saying what it is)."""
-    import torch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Failed to initialize NumPy": numpy comes later, with the test extra
+        import torch
 
     version = torch.__version__
     if version.split("+")[0] != wanted:
@@ -22,7 +24,7 @@ def verdict(wanted: str) -> tuple[bool, str]:
         return True, f"torch {version}: the CPU build"
     build = f"CUDA {cuda}" if cuda else f"ROCm {hip}"
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "Found no NVIDIA driver": the very case said below
+        warnings.simplefilter("ignore")  # "Found no NVIDIA driver": the case said below
         gpu = torch.cuda.is_available()
     if gpu:
         return True, f"torch {version}: the {build} build, and this machine has a GPU"
