@@ -41,8 +41,11 @@ def main() -> None:
 
     from fl_patch.kernels import gems
 
-    on_gpu = torch.cuda.is_available() and gems.installed() is None
-    kernels = args.kernels or ("gems" if on_gpu else "reference")
+    missing = "no CUDA GPU here" if not torch.cuda.is_available() else gems.installed()
+    if args.kernels == "gems" and missing:
+        parser.error(f"--kernels gems runs FlagGems' kernels, which need a GPU and FlagGems ({missing}); "
+                     "--kernels reference runs fl_patch's torch kernels on the same patched paths, on the CPU")
+    kernels = args.kernels or ("reference" if missing else "gems")
     device, dtype = ("cuda", torch.bfloat16) if kernels == "gems" else ("cpu", torch.float32)
 
     torch.manual_seed(0)

@@ -2,15 +2,18 @@
 
 ``fl-patch run -- CMD ARGS...`` runs CMD with the bootstrap directory first on PYTHONPATH, so CMD and
 every Python process it starts (torchrun workers, multiprocessing children) activate fl_patch with zero
-code changes. ``fl-patch status [--json]`` imports torch (and transformers, if installed), applies from
-the environment and prints the environment and every target with its state. ``fl-patch check`` and
-``fl-patch tune`` (their options: ``fl-patch check -h``) are fl_patch.conformance and fl_patch.tuning.
+code changes. ``fl-patch bootstrap-path`` prints that directory, for setting PYTHONPATH yourself (a job
+script, a container's environment). ``fl-patch status [--json]`` imports torch (and transformers, if
+installed), applies from the environment and prints the environment and every target with its state.
+``fl-patch check`` and ``fl-patch tune`` (their options: ``fl-patch check -h``) are fl_patch.conformance and
+fl_patch.tuning. ``fl-patch --version`` prints fl_patch's version.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -21,12 +24,13 @@ import sysconfig
 
 def bootstrap_dir() -> str:
     """The directory holding fl_patch's ``sitecustomize.py``: beside the package in a checkout or an
-    editable install, else where the wheel installed it (``<data>/share/fl_patch/sitecustomize``)."""
+    editable install, else where the wheel installed it (``<data>/share/fl_patch/sitecustomize``, ``<data>``
+    being the environment's prefix, or the user base after ``pip install --user``). Raises FileNotFoundError
+    naming the places looked at."""
     package_dir = os.path.dirname(os.path.abspath(__file__))
-    candidates = [
-        os.path.join(os.path.dirname(package_dir), "sitecustomize"),
-        os.path.join(sysconfig.get_path("data"), "share", "fl_patch", "sitecustomize"),
-    ]
+    installed = [os.path.join(sysconfig.get_path("data", scheme), "share", "fl_patch", "sitecustomize")
+                 for scheme in (sysconfig.get_default_scheme(), sysconfig.get_preferred_scheme("user"))]
+    candidates = [os.path.join(os.path.dirname(package_dir), "sitecustomize"), *dict.fromkeys(installed)]
     for candidate in candidates:
         if os.path.isfile(os.path.join(candidate, "sitecustomize.py")):
             return candidate
@@ -38,17 +42,33 @@ def run(command: list[str]) -> int:
     if not command:
         print("fl-patch run: give a command, e.g. fl-patch run -- python train.py", file=sys.stderr)
         return 2
+    try:
+        bootstrap = bootstrap_dir()
+    except FileNotFoundError as exc:
+        print(f"fl-patch run: {exc}", file=sys.stderr)
+        return 1
     flag = site_disabling_flag(command)
     if flag:
         print(f"fl-patch run: warning: {flag} makes Python skip sitecustomize, so {command[0]} runs unpatched",
               file=sys.stderr)
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (bootstrap_dir(), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (bootstrap, env.get("PYTHONPATH", "")) if p)
     try:
         os.execvpe(command[0], command, env)
     except OSError as exc:
         print(f"fl-patch run: cannot run {command[0]!r}: {exc.strerror}", file=sys.stderr)
         return 127
+
+
+def bootstrap_path() -> int:
+    """Print the directory to put first on PYTHONPATH for zero-code activation (what ``fl-patch run`` puts
+    there), alone on one line; 1 with a message when it can't be found."""
+    try:
+        print(bootstrap_dir())
+    except FileNotFoundError as exc:
+        print(f"fl-patch bootstrap-path: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def site_disabling_flag(command: list[str]) -> str | None:
@@ -74,21 +94,33 @@ def site_disabling_flag(command: list[str]) -> str | None:
     return None
 
 
+SWITCHED_OFF = "FL_PATCH=0: the bootstrap and `import fl_patch` do nothing; fl_patch.apply() in code still patches"
+
+
 def status(as_json: bool) -> int:
-    """Print the environment and every target's state after applying from the environment. A setting that
-    can't be read is said once on stderr, and the exit status is 2; the rest is still shown."""
-    from fl_patch import environment, reporting, runtime, settings
+    """Print the environment and every target's state after applying from the environment as automatic activation
+    would (with FL_PATCH=0: nothing applied, every row says so). Every setting fl_patch can't use (the rule in
+    fl_patch.settings) is said once on stderr, ``fl-patch status: <message>``, and the exit status is 2; the rest
+    is still shown."""
+    from fl_patch import environment, reporting, runtime, settings, table
     from fl_patch.kernels import gems
 
     info = environment.describe()
+    try:
+        info["bootstrap"] = bootstrap_dir()
+    except FileNotFoundError as exc:
+        info["bootstrap"] = f"not found ({exc})"
     chosen, problems = settings.load_lenient()
     environment.import_targets()
-    try:
-        problems += runtime.apply(chosen, lenient=True)
-        records = runtime.records()
-    except settings.SettingsError as exc:
-        problems.append(f"{exc} (nothing was applied)")
-        records = runtime.unapplied_records("not applied: a setting can't be read")
+    if not chosen.enabled:
+        records = runtime.unapplied_records(SWITCHED_OFF)
+    else:
+        try:
+            problems += runtime.apply(chosen, lenient=True, source="fl-patch status", say=False)
+            records = runtime.records()
+        except settings.SettingsError as exc:
+            problems.append(f"{exc} (nothing was applied)")
+            records = runtime.unapplied_records("not applied: a setting can't be read")
     profile = _profile(chosen, problems)
     warnings = environment.early_bindings()
     if as_json:
@@ -100,13 +132,15 @@ def status(as_json: bool) -> int:
         print("fl_patch status")
         for key, value in info.items():
             print(f"  {key:<18} {value}")
-        print("  settings          " + ", ".join(f"{k}={v}" for k, v in environment.settings_dict(chosen).items()))
+        print(f"  {'settings':<18} " + ", ".join(f"{k}={v}" for k, v in environment.settings_dict(chosen).items()))
         print(f"  {profile['summary']}")
-        for family, entry in profile.get("families", {}).items():
-            print(f"    {family:<11} {_route_words(entry, compiled_shown=True)}: {entry['why']}" + (
+        families = profile.get("families", {})
+        form_width = max((len(form) for entry in families.values() for form in entry.get("forms", {})), default=0)
+        for family, entry in families.items():
+            print(f"    {family:<{table.FAMILY_WIDTH}} {_route_words(entry, compiled_shown=True)}: {entry['why']}" + (
                 f" ({entry['lifted']})" if "lifted" in entry else ""))
             for form, own in entry.get("forms", {}).items():
-                print(f"      {form:<9} {_route_words(own)}: {own['why']}")
+                print(f"      {form:<{form_width}} {_route_words(own)}: {own['why']}")
         if profile.get("device") is not None:
             from fl_patch import routing
 
@@ -126,6 +160,8 @@ def _profile(chosen, problems: list[str]) -> dict:
     """The device profile in force for the first accelerator here (looked up now, as a first call would)."""
     from fl_patch import environment, profiles, routing
 
+    if not chosen.enabled:
+        return {"state": "not used", "summary": "profile: not used (FL_PATCH=0)"}
     if chosen.kernels != "gems":
         return {"state": "not used", "summary": f"profile: not used (FL_PATCH_KERNELS={chosen.kernels})"}
     device = environment.first_device()
@@ -145,13 +181,19 @@ def _route_words(entry: dict, compiled_shown: bool = False) -> str:
                                 entry.get("compiled"), compiled_shown)
 
 
+TORCH_MISSING = ("torch is not installed: fl_patch patches PyTorch's ops; install torch first (the CPU build: "
+                 "pip install torch --index-url https://download.pytorch.org/whl/cpu)")
+INTERRUPTED = 130  # the exit status after Ctrl-C, as a shell gives (128 + SIGINT)
+
 # Commands whose module parses its own options (imported only when run: they import torch).
 DELEGATED = {"check": ("fl_patch.conformance", "conformance of fl_patch's kernels on this device"),
              "tune": ("fl_patch.tuning", "measure FlagGems against native here and write a device profile")}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The ``fl-patch`` command. Exit status: the command's, 2 for bad arguments or settings."""
+    """The ``fl-patch`` command. Exit status: the command's; 2 for bad arguments or settings, or torch not installed
+    (status, check and tune need it); 130 when interrupted (Ctrl-C)."""
+    import fl_patch
     from fl_patch import _bootstrap
 
     _bootstrap.uninstall()  # `import fl_patch` set up automatic activation: each command applies (or not) itself
@@ -161,25 +203,34 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="fl-patch", description="Run code on FlagGems/FlagCX with no changes.")
+    parser.add_argument("--version", action="version", version=f"fl-patch {fl_patch.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="run a command with the fl_patch bootstrap on PYTHONPATH")
     run_parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command and its arguments")
+    commands.add_parser("bootstrap-path", help="print the directory to put first on PYTHONPATH (what run does)")
     status_parser = commands.add_parser("status", help="show the environment and every target's state")
     status_parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     for name, (_, help_text) in DELEGATED.items():
         commands.add_parser(name, help=help_text, add_help=False)
     args, rest = parser.parse_known_args(argv)
-    if args.command in DELEGATED:
-        import fl_patch
-
-        fl_patch.revert()  # they compare with the originals: no activation when their import brings torch in
-        return importlib.import_module(DELEGATED[args.command][0]).main(rest)
-    if rest:
+    if rest and args.command not in DELEGATED:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "run":
         command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         return run(command)
-    return status(args.json)
+    if args.command == "bootstrap-path":
+        return bootstrap_path()
+    if importlib.util.find_spec("torch") is None:
+        print(f"fl-patch {args.command}: {TORCH_MISSING}", file=sys.stderr)
+        return 2
+    try:
+        if args.command in DELEGATED:
+            fl_patch.revert()  # they compare with the originals: no activation when their import brings torch in
+            return importlib.import_module(DELEGATED[args.command][0]).main(rest)
+        return status(args.json)
+    except KeyboardInterrupt:
+        print(f"fl-patch {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ again). ``--global`` adds :mod:`fl_patch.global_check`.
 Output: a line per form as it finishes and one per family, a summary, and with ``--json PATH`` every case
 (family, target, form, shape, dtype, max error, tolerance, verdict, gradient error where checked) under a
 header (device, versions, date, provider, the rule, counts), rewritten after every form. Exit status 1 when
-any case fails, 0 when none does, 2 for bad arguments or a provider that can't run here.
+any case fails, 0 when none does, 2 for bad arguments, a ``--json`` path that can't be written (said before
+anything runs) or a provider that can't run here, 130 when interrupted (Ctrl-C): the cases so far are counted and
+written, marked ``"interrupted": true``.
 """
 
 from __future__ import annotations
@@ -41,7 +43,6 @@ import contextlib
 import datetime
 import importlib
 import importlib.util
-import json
 import sys
 import time
 from pathlib import Path
@@ -49,7 +50,7 @@ from pathlib import Path
 import torch
 
 import fl_patch
-from fl_patch import devices, kernel_cases
+from fl_patch import devices, kernel_cases, output_path
 from fl_patch.kernel_cases import Form, Inputs, Named, Variant
 from fl_patch.versions import stack_versions
 
@@ -71,6 +72,7 @@ DEVICE_SIZES = (1 << 12, 1 << 16, 1 << 20, 1 << 23)
 CPU_SIZES = (1 << 8, 1 << 10, 1 << 12, 1 << 14)
 DTYPES = {"gems": (torch.bfloat16, torch.float16), "reference": (torch.float32, torch.bfloat16)}
 PROVIDERS = tuple(DTYPES)
+INTERRUPTED = 130  # the exit status after Ctrl-C, as a shell gives (128 + SIGINT)
 
 
 class UsageError(Exception):
@@ -111,6 +113,8 @@ def _setting(args) -> tuple[str, torch.device, list[Form]]:
     try:
         forms = kernel_cases.select(args.families)
         device = torch.device("cpu") if args.quick else kernel_cases.pick_device(args.device, provider == "reference")
+        if args.json is not None:
+            output_path.check(args.json, "--json")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if provider == "gems":
@@ -131,6 +135,7 @@ class Check:
         self.dtypes = DTYPES[provider]
         self.cases: list[dict] = []
         self.sections: dict = {}
+        self.interrupted = False
         self.started = time.monotonic()
         self.header = {
             "schema": SCHEMA, "kind": KIND,
@@ -144,11 +149,33 @@ class Check:
         }
 
     def run(self, global_override: bool) -> int:
+        """Run every case and print the summary; the exit status (module docstring)."""
         device_info = devices.identify(self.device)
         print(f"fl-patch check: {device_info.label()}, provider {self.provider}, "
               f"{', '.join(dtype_name(d) for d in self.dtypes)}", flush=True)
         print(f"  rule: {TOLERANCE_RULE}", flush=True)
         print(f"  {'key':<22} {'cases':>5} {'pass':>5} {'fail':>5} {'not taken':>9}  {'worst err/tol':>13}  seconds")
+        try:
+            self._run_cases(global_override)
+        except KeyboardInterrupt:
+            self.interrupted = True
+        self.write()
+        if self.provider == "gems" and self.device.type != "cpu" and not self.interrupted:
+            from fl_patch import verification
+
+            certified = verification.certify(self.header["device"], self.cases)
+            if certified is not None:
+                print(f"fl-patch check: verdicts per form and dtype kept for first-use verification in {certified}")
+        counts = self.counts()
+        print(f"fl-patch check: {'interrupted after ' if self.interrupted else ''}{counts['cases']} cases, "
+              f"{counts['pass']} pass, {counts['fail']} fail, {counts['not taken']} not taken "
+              f"({time.monotonic() - self.started:.1f} s)" + (f"; wrote {self.json_path}" if self.json_path else ""),
+              file=sys.stderr if self.interrupted else sys.stdout, flush=True)
+        if self.interrupted:
+            return INTERRUPTED
+        return 1 if counts["fail"] else 0
+
+    def _run_cases(self, global_override: bool) -> None:
         for family in dict.fromkeys(form.family for form in self.forms):
             family_start, before = time.monotonic(), len(self.cases)
             for form in (f for f in self.forms if f.family == family):
@@ -170,19 +197,6 @@ class Check:
             self.sections["global"] = section
             self._add(section.pop("cases"))
             print(global_check.summary(section), flush=True)
-        self.write()
-        certified = None
-        if self.provider == "gems" and self.device.type != "cpu":
-            from fl_patch import verification
-
-            certified = verification.certify(self.header["device"], self.cases)
-        counts = self.counts()
-        if certified is not None:
-            print(f"fl-patch check: verdicts per form and dtype kept for first-use verification in {certified}")
-        print(f"fl-patch check: {counts['cases']} cases, {counts['pass']} pass, {counts['fail']} fail, "
-              f"{counts['not taken']} not taken ({time.monotonic() - self.started:.1f} s)"
-              + (f"; wrote {self.json_path}" if self.json_path else ""), flush=True)
-        return 1 if counts["fail"] else 0
 
     def _dtypes(self, form: Form) -> tuple[torch.dtype, ...]:
         if form.dtypes is not None:
@@ -219,9 +233,8 @@ class Check:
         if self.json_path is None:
             return
         data = {**self.header, "counts": self.counts(), "elapsed_s": round(time.monotonic() - self.started, 1),
-                **self.sections, "cases": self.cases}
-        self.json_path.parent.mkdir(parents=True, exist_ok=True)
-        self.json_path.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
+                **({"interrupted": True} if self.interrupted else {}), **self.sections, "cases": self.cases}
+        output_path.write_json(data, self.json_path)
 
 
 def _counts(cases: list[dict]) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 import platform
 import sys
 import types
@@ -15,8 +16,12 @@ PACKAGES = ("torch", "transformers", "wrapt", "flag_gems", "flagcx", "lightx2v",
 
 
 def describe() -> dict[str, str]:
-    """Versions and availability, without importing flag_gems (it initialises the device)."""
-    info = {"python": platform.python_version()}
+    """Versions and availability, without importing flag_gems (it initialises the device): fl_patch's own
+    version and where it is imported from first, then Python's and each package's."""
+    import fl_patch
+
+    info = {"fl_patch": f"{fl_patch.__version__} ({os.path.dirname(os.path.abspath(fl_patch.__file__))})",
+            "python": platform.python_version()}
     for name in PACKAGES:
         dist = {"flag_gems": "flag-gems"}.get(name, name)
         version = installed_version(dist)
@@ -85,8 +90,9 @@ def import_targets() -> None:
 
 
 def settings_dict(settings) -> dict:
-    """The settings as a plain dict (for printing)."""
-    return dataclasses.asdict(settings)
+    """The settings as a plain dict (for printing): the fields that say what fl_patch does, not its own
+    bookkeeping (fields left out of comparison, such as whether FL_PATCH_KERNELS was given)."""
+    return {field.name: getattr(settings, field.name) for field in dataclasses.fields(settings) if field.compare}
 
 
 def early_bindings() -> list[str]:

@@ -42,6 +42,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fl_patch import output_path
 from fl_patch.errors import FlPatchError
 
 SCHEMA = 1
@@ -344,6 +345,6 @@ def write(data: dict, path: str | os.PathLike) -> Path:
     """Write a profile (checked by :func:`parse` first) as indented JSON; returns the path."""
     path = Path(path)
     parse(data, str(path), "new")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    output_path.write_json(data, path)
     return path
+

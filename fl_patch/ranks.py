@@ -134,11 +134,22 @@ def _spans(ranks: list[int]) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
+def is_launcher() -> bool:
+    """Whether this process is torch's elastic launcher (``torchrun``, ``python -m torch.distributed.run``,
+    ``elastic_launch``) rather than one of its ranks: it imported the launcher's module, and has no
+    TORCHELASTIC_RUN_ID, which the launcher sets for each rank it starts (never in its own environment). It
+    imports torch, so the bootstrap activates there too, but it runs none of the job's calls."""
+    return "torch.distributed.launcher.api" in sys.modules and "TORCHELASTIC_RUN_ID" not in os.environ
+
+
 def report_text() -> str | None:
-    """What this rank prints at exit: rank 0 its report and the ranks' table (or its own line when there is no
-    group); other ranks nothing (their summary went into the store)."""
+    """What this process prints at exit: rank 0 its report and the ranks' table (or its own line when there is no
+    group); other ranks nothing (their summary went into the store); torchrun's launcher nothing (its ranks
+    report)."""
     from fl_patch import reporting, runtime
 
+    if is_launcher():
+        return None
     exchange_now()
     if not reporting.is_rank_zero():
         return None

@@ -91,14 +91,15 @@ def format_table(records: list[dict], notes: tuple[str, ...] = ()) -> str:
             "fl_patch report: nothing recorded")
     lines = [head + _hint(records), *(f"  {note}" for note in notes)]
     width = max([len(r["target"]) for r in shown] + [6])
+    family_width = max([len(r["family"]) for r in shown] + [6])
     for record in sorted(shown, key=lambda r: (r["family"], r["target"], r["where"])):
         detail = record["reason"]
         if record["fallbacks"]:
             calls = ", ".join(f"{reason}: {n}" for reason, n in sorted(record["fallbacks"].items()))
             detail = (detail + "; " if detail else "") + f"fallbacks {calls}"
         lines.append(
-            f"  {record['family']:<11} {record['state']:<8} {record['provider']:<15} {record['target']:<{width}}"
-            f" {record['where']}" + (f"  ({detail})" if detail else "")
+            f"  {record['family']:<{family_width}} {record['state']:<8} {record['provider']:<15}"
+            f" {record['target']:<{width}} {record['where']}" + (f"  ({detail})" if detail else "")
         )
     if missing:
         lines.append(f"  {sum(missing.values())} more rows wait for {', '.join(sorted(missing))}, not installed"

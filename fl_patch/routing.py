@@ -102,11 +102,12 @@ def entry(threshold: int, reason: str, busy_threshold: int = NATIVE, compiled: t
     return threshold, reason, busy_threshold, compiled_threshold, compiled_reason, measured[0], measured[1]
 
 
-def configure(settings, registry) -> None:
+def configure(settings, registry) -> list[str]:
     """Start afresh for `settings` (called by every apply): forget the profile looked up and the decisions.
 
-    An explicit FL_PATCH_PROFILE file is read now (no device needed), so that a broken one is said at once: a
-    warning naming the file and what is wrong, an error in strict mode.
+    An explicit FL_PATCH_PROFILE file is read now (no device needed), so that a broken one is said at once: the
+    returned list holds the message (the file, what is wrong, what is accepted and done instead) for the caller to
+    say; in strict mode ProfileError is raised instead.
     """
     include = set(settings.include)
     with _routing.lock:
@@ -131,9 +132,12 @@ def configure(settings, registry) -> None:
         except profiles.ProfileError as exc:
             if settings.strict:
                 raise
-            log.warning("fl_patch: %s; FL_PATCH_PROFILE ignored: no performance routing from it", exc)
             with _routing.lock:
                 _routing.said.add(str(exc))
+            return [f"FL_PATCH_PROFILE: {exc}; accepted: a profile file (`fl-patch tune` writes one), a folder of "
+                    "them, or 'off'; ignored: no device profile is used, calls keep the native path until measured, and "
+                    "nothing is calibrated while FL_PATCH_PROFILE is set"]
+    return []
 
 
 def is_lifted(target: str, family: str) -> bool:

@@ -34,6 +34,9 @@ class Skip(Exception):
     """Raised by a factory when its row can't apply here; the message is the reason."""
 
 
+EXPLICIT_SOURCE = "fl_patch.apply()"
+
+
 class _State:
     def __init__(self) -> None:
         self.lock = threading.RLock()
@@ -48,6 +51,9 @@ class _State:
         self.generation = 0  # bumped by apply and revert; a factory's changes count only in its own
         self.atexit_registered = False
         self.kernel_errors: set[tuple[str, str]] = set()  # (place, exception type) already logged
+        self.source = EXPLICIT_SOURCE  # the activation path of the last apply, which messages name
+        self.say = True  # whether setting problems are logged (fl-patch status prints them itself)
+        self.problems: list[str] = []  # the setting problems of the last apply (the rule in fl_patch.settings)
 
 
 _state = _State()
@@ -103,6 +109,12 @@ class PatchContext:
                 return
         undo()
         self._still_current()
+
+    def bad_setting(self, message: str) -> None:
+        """Say a setting this row can't use (see :func:`bad_setting`); raise PatchError instead in strict mode."""
+        if self.settings.strict:
+            raise PatchError(message)
+        bad_setting(message)
 
     def skip(self, rec: reporting.Record, reason: str) -> None:
         """Mark `rec` skipped: this place stays original, for `reason`."""
@@ -176,6 +188,9 @@ def _run_row(target: table.Target, module: Any, s: settings_mod.Settings, genera
         with _state.lock:
             if _state.generation == generation:
                 _state.records.extend(records)
+        for rec in records:
+            log.debug("fl_patch: %s %s: %s (%s)%s", target.name, rec.state, rec.where, rec.provider,
+                      f": {rec.reason}" if rec.reason else "")
 
 
 def _on_import(module: Any) -> None:
@@ -205,7 +220,8 @@ def _watch_pattern(target: table.Target) -> None:
 
 
 def apply(settings: settings_mod.Settings | None = None, extra_targets: tuple[table.Target, ...] = (),
-          lenient: bool = False) -> list[str]:
+          lenient: bool = False, source: str = EXPLICIT_SOURCE, said: tuple[str, ...] = (), say: bool = True
+          ) -> list[str]:
     """Patch according to `settings` (default: from the environment).
 
     Modules already imported are patched now; the others when they are imported. Calling apply again
@@ -213,7 +229,14 @@ def apply(settings: settings_mod.Settings | None = None, extra_targets: tuple[ta
     Raises SettingsError for bad settings, unknown include/exclude names, or an include name that the exclude
     list removes entirely. With `lenient` (automatic activation) unknown include names and such clashes are
     dropped instead (exclude wins), and the returned list says what was ignored; an unknown exclude name still
-    raises (patching what was meant to be excluded could change the user's results).
+    raises (patching what was meant to be excluded could change the user's results). Whatever else raises while
+    applying (the hooks can't be set, or in strict mode a row fails on a module already imported) undoes every
+    change this apply made before it propagates: fl_patch is then not active, and the report is empty.
+
+    Settings it can't use are said by :func:`bad_setting` (the rule in :mod:`fl_patch.settings`), naming `source`,
+    the activation path; `said` adds the ones found before (values that could not be read); `say` False keeps
+    them out of the log (``fl-patch status`` prints them). The returned list holds those said while applying,
+    including by rows run on modules already imported.
     """
     from fl_patch.kernels import gems
 
@@ -225,8 +248,9 @@ def apply(settings: settings_mod.Settings | None = None, extra_targets: tuple[ta
         include, problems = _checked_names(registry, s, lenient)
         if _state.active:
             revert()
-        logging.getLogger("fl_patch").setLevel(s.log_level)
-        routing.configure(s, registry)
+        _state.source, _state.say, _state.problems = source, say, []
+        _show_log(s.log_level)
+        problems += routing.configure(s, registry)
         gems.configure_fast_launch(s.fast_launch)
         _state.settings, _state.registry = s, registry
         _state.selected, _state.excluded = registry.select(include, s.exclude)
@@ -241,9 +265,61 @@ def apply(settings: settings_mod.Settings | None = None, extra_targets: tuple[ta
             name = hooks.top_package(target.module) if target.is_pattern else target.module
             if name not in watched:
                 watched.append(name)
-    for name in watched:  # modules already imported are patched now, by this thread, outside the lock
-        hooks.watch(name, _on_import)
-    return problems
+    for message in (*said, *problems):
+        bad_setting(message)
+    try:
+        for name in watched:  # modules already imported are patched now, by this thread, outside the lock
+            hooks.watch(name, _on_import)
+    except BaseException:
+        with _state.lock:  # all or nothing: what was patched is undone, and nothing is selected or active
+            revert()
+            _state.selected, _state.excluded, _state.records = [], [], []
+        raise
+    with _state.lock:
+        return list(_state.problems)
+
+
+def bad_setting(message: str) -> None:
+    """Say a setting fl_patch can't use, once per apply: `message` names the setting, what is accepted and what is
+    done instead (the rule in :mod:`fl_patch.settings`). Logged as a warning naming the activation path
+    (``fl_patch (sitecustomize): ...``), and kept for ``fl-patch status``."""
+    with _state.lock:
+        if message in _state.problems:
+            return
+        _state.problems.append(message)
+        source, say = _state.source, _state.say
+    if say:
+        log.warning("fl_patch (%s): %s", source, message)
+
+
+class _StderrWhenUnhandled(logging.Handler):
+    """Writes fl_patch's log records to stderr (as it is when the record comes) when no other handler on the way to
+    the root logger takes them: where the application configured logging, its handlers show fl_patch's records,
+    once; where it didn't, Python would show warnings only (its last-resort handler), and FL_PATCH_LOG_LEVEL=INFO
+    or DEBUG would show nothing."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._taken_elsewhere(record):
+            return
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+    def _taken_elsewhere(self, record: logging.LogRecord) -> bool:
+        logger: logging.Logger | None = log
+        while logger is not None:
+            if any(handler is not self and record.levelno >= handler.level for handler in logger.handlers):
+                return True
+            logger = logger.parent if logger.propagate else None
+        return False
+
+
+def _show_log(level: str) -> None:
+    """Set fl_patch's logger to `level` (FL_PATCH_LOG_LEVEL) and make sure its records reach stderr once."""
+    log.setLevel(level)
+    if not any(isinstance(handler, _StderrWhenUnhandled) for handler in log.handlers):
+        log.addHandler(_StderrWhenUnhandled())
 
 
 INCLUDE_SETTING = "FL_PATCH_INCLUDE / include"
@@ -292,6 +368,8 @@ def revert() -> list[Exception]:
 
 
 def is_active() -> bool:
+    """Whether an apply succeeded and has not been reverted since (its rows patched, or waiting for their
+    modules). False after an activation that failed."""
     return _state.active
 
 
@@ -315,8 +393,9 @@ def records() -> list[dict]:
                 out.append(reporting.Record(target.family, target.name, target.module, state="waiting",
                                          reason=f"{target.module} not imported yet").as_dict())
         for target in _state.excluded:
+            reason = table.Registry.why_not_selected(target, _state.settings.include, _state.settings.exclude)
             out.append(reporting.Record(target.family, target.name, target.module, state="excluded",
-                                     reason="excluded by settings").as_dict())
+                                        reason=reason).as_dict())
         return out
 
 
@@ -345,19 +424,19 @@ def patched_module_attributes() -> list[tuple[Any, str, Any]]:
 
 def activate(source: str) -> None:
     """Automatic activation (bootstrap trigger, ``import fl_patch``, the LightX2V plugin): apply from the
-    environment unless already active. A setting it can't read is ignored where that is safe (and said once, in
-    one message naming `source`); one it can't ignore leaves fl_patch off. Raises only with FL_PATCH_STRICT=1."""
+    environment unless already active. A setting it can't use is ignored where that is safe (each said once, naming
+    `source`); one it can't ignore leaves fl_patch off (said once). Raises only with FL_PATCH_STRICT=1."""
     try:
         s, problems = settings_mod.load_at_startup()
-        if not _state.active:
-            problems += apply(s, lenient=True)  # equal settings already applied by another thread: apply returns
+        if not _state.active:  # equal settings already applied by another thread: apply returns at once
+            apply(s, lenient=True, source=source, said=tuple(problems))
+            log.info("fl_patch (%s): active, kernels=%s; %d rows selected, %d left out; each patches when its module"
+                     " is imported", source, s.kernels, len(_state.selected), len(_state.excluded))
     except Exception as exc:
         if settings_mod.strict_from_env():
             raise
         kind = "bad setting" if isinstance(exc, SettingsError) else f"error {type(exc).__name__}"
-        problems = [f"did not activate ({kind}): {exc}"]
-    if problems:
-        log.warning("fl_patch (%s): %s", source, "\n  ".join(problems))
+        log.warning("fl_patch (%s): did not activate (%s): %s", source, kind, exc)
 
 
 def kernel_failed(rec: reporting.Record, exc: Exception) -> str:

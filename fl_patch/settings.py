@@ -12,7 +12,16 @@ Two ways to read them:
   value and described in the returned messages, so one typo doesn't switch fl_patch off; with
   ``FL_PATCH_STRICT=1`` it raises instead.
 
-Include/exclude *names* are checked later, against the patch table (``fl_patch.table.Registry.check_names``).
+Include/exclude *names* are checked later, against the patch table (``fl_patch.table.Registry.check_names``),
+the FL_PATCH_PROFILE file when applying (``fl_patch.routing.configure``), FL_PATCH_GEMS_UNUSED names when torch is
+imported (``fl_patch.integrations.gems_global``).
+
+One rule for every setting fl_patch can't use, wherever it is found: one message that names the setting and its
+value, what is wrong, what is accepted and what fl_patch does instead (``ignored: ...``; an unknown exclude name
+can't be ignored safely, so fl_patch stays off). Automatic activation logs it once as a warning naming the
+activation path (``fl_patch (sitecustomize): ...``, ``fl_patch (import fl_patch): ...``; ``fl_patch.apply()``:
+``fl_patch (fl_patch.apply()): ...``) and carries on; ``fl-patch status`` prints it as ``fl-patch status: ...`` on
+stderr, shows the rest, and exits 2; with ``FL_PATCH_STRICT=1`` it is an error.
 """
 
 from __future__ import annotations

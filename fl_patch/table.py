@@ -30,6 +30,8 @@ FAMILIES = (
     "platform",
 )
 
+FAMILY_WIDTH = max(len(family) for family in FAMILIES)  # the family column of fl_patch's tables
+
 # Families that need a kernel provider (FlagGems or the torch reference); the others change other things.
 KERNEL_FAMILIES = ("attention", "rms_norm", "rope", "linear", "swiglu", "layer_norm", "cross_entropy")
 
@@ -150,6 +152,15 @@ class Registry:
             else:
                 excluded.append(target)
         return selected, excluded
+
+    @staticmethod
+    def why_not_selected(target: Target, include: tuple[str, ...], exclude: tuple[str, ...]) -> str:
+        """The report's reason for a row :meth:`select` left out with these lists."""
+        if {target.name, target.family} & set(exclude):
+            return "excluded by FL_PATCH_EXCLUDE / exclude"
+        if target.opt_in:
+            return f"opt-in, not selected by default: FL_PATCH_INCLUDE={target.name} selects it"
+        return "not named in FL_PATCH_INCLUDE / include"
 
 
 def builtin_targets() -> list[Target]:

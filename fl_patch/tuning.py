@@ -61,6 +61,7 @@ import argparse
 import datetime
 import json
 import math
+import shutil
 import statistics
 import sys
 import tempfile
@@ -71,8 +72,9 @@ from pathlib import Path
 import torch
 
 import fl_patch
-from fl_patch import devices, kernel_cases, profiles
+from fl_patch import devices, kernel_cases, output_path, profiles
 from fl_patch.kernel_cases import Form, size_label
+from fl_patch.table import FAMILY_WIDTH
 from fl_patch.versions import stack_versions
 
 DEVICE_SIZES = tuple(1 << exponent for exponent in range(12, 27, 2))
@@ -100,6 +102,7 @@ RULE = ("per form over its measured points sorted by elements: N = the smallest 
 BLOCKER_SIDE = 2048  # the blocker's square matmul: about 25 us on an H200, long enough that few are enqueued
 BLOCKER_MARGIN = 1.5  # the blocker lasts this many times the loop's host time
 BLOCKER_TRIES = 3  # each try doubles the blocker
+INTERRUPTED = 130  # the exit status after Ctrl-C, as a shell gives (128 + SIGINT)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -126,7 +129,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Measure, decide and write the profile; 0 when written, 2 for bad arguments or no usable FlagGems."""
+    """Measure, decide and write the profile; 0 when written, 2 for bad arguments, an output path that can't be
+    written (said before measuring) or no usable FlagGems, 130 when interrupted (Ctrl-C: the forms measured so far
+    stay in the profile written after each of them)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.redecide is not None:
         return redecide(args.redecide, args.out or args.redecide)
@@ -135,22 +140,36 @@ def main(argv: list[str] | None = None) -> int:
         forms = kernel_cases.select(args.families)
         device = torch.device("cpu") if args.quick else kernel_cases.pick_device(args.device, cpu_allowed=False)
         provider = "reference" if args.quick else "gems"
+        info, found = devices.identify(device), stack_versions()
+        name = profiles.file_name(info.as_dict(), found["flag_gems"])
+        if args.out is not None:
+            output_path.check(args.out, "--out")
+        elif not args.quick:
+            output_path.check(profiles.cache_dir() / name, "the profile cache's file")
         if provider == "gems":
             _load_gems()
     except ValueError as exc:
         print(f"fl-patch tune: {exc}", file=sys.stderr)
         return 2
-    info = devices.identify(device)
-    found = stack_versions()
-    out = args.out or _default_path(args.quick, info.as_dict(), found["flag_gems"])
+    # --quick checks the harness: without --out its profile goes to a temporary folder, removed at the end.
+    temporary = Path(tempfile.mkdtemp(prefix="fl_patch_tune_")) if args.quick and args.out is None else None
+    out = args.out or (temporary or profiles.cache_dir()) / name
     print(f"fl-patch tune: {info.label()}, {provider} against native, {dtype_name()}, budget {args.budget_s:g} s; "
-          f"profile: {out}", flush=True)
+          f"profile: {out}" + (" (temporary: --out PATH keeps it)" if temporary else ""), flush=True)
     print("  per form: its decision, then native time / gems time per size (above 1: FlagGems faster), launch-bound"
           "/device-bound where the device times both", flush=True)
-    with kernel_cases.cpu_threads(device):
-        Tuner(device, provider, forms, args.budget_s, out, {"device": info.as_dict(), "versions": found},
-              compiled=args.compiled).run()
-    return 0
+    try:
+        with kernel_cases.cpu_threads(device):
+            tuner = Tuner(device, provider, forms, args.budget_s, out, {"device": info.as_dict(), "versions": found},
+                          compiled=args.compiled)
+            finished = tuner.run()
+        if temporary is not None and finished:
+            profiles.read(out, "tune --quick")  # what the harness must get right: a profile that parses
+            print(f"fl-patch tune: {out} parses; removed with its temporary folder")
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+    return 0 if finished else INTERRUPTED
 
 
 def _load_gems() -> None:
@@ -162,11 +181,6 @@ def _load_gems() -> None:
         raise ValueError(f"FlagGems can't be used here: {exc}") from None
 
 
-def _default_path(quick: bool, device: dict, flag_gems_version: str | None) -> Path:
-    folder = Path(tempfile.mkdtemp(prefix="fl_patch_tune_")) if quick else profiles.cache_dir()
-    return folder / profiles.file_name(device, flag_gems_version)
-
-
 def dtype_name(dtype: torch.dtype = DTYPE) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -175,9 +189,10 @@ def redecide(source: Path, out: Path) -> int:
     """Decide every family of the profile `source` again from its recorded measurements (the rule may have
     changed since it was measured) and write it to `out`; 2 with a message when `source` can't be used."""
     try:
+        output_path.check(out, "--out" if out != source else "--redecide")
         profiles.read(source, "--redecide")
         data = json.loads(source.read_text(encoding="utf-8"))
-    except profiles.ProfileError as exc:
+    except (profiles.ProfileError, ValueError) as exc:
         print(f"fl-patch tune: {exc}", file=sys.stderr)
         return 2
     for family, entry in data["families"].items():
@@ -187,7 +202,8 @@ def redecide(source: Path, out: Path) -> int:
                  for form in dict.fromkeys(p["form"] for p in measured if p.get("regime") != COMPILED)}
         if forms:
             entry.update(family_decision(forms), forms=forms)
-            print(f"  {family:<11} {_route(entry):<22} ({', '.join(f'{f} {_route(d)}' for f, d in forms.items())})")
+            decided = ", ".join(f"{form} {_route(decision)}" for form, decision in forms.items())
+            print(f"  {family:<{FAMILY_WIDTH}} {_route(entry):<22} ({decided})")
     data["rule"] = RULE
     profiles.write(data, out)
     print(f"fl-patch tune: decided again from {source}'s measurements; wrote {out}")
@@ -477,21 +493,35 @@ class Tuner:
         self.decisions: dict[str, dict] = {}  # key -> decision
         self.not_measured: list[str] = []
 
-    def run(self) -> None:
-        with torch.no_grad():
-            for form in self.forms:
-                if time.monotonic() - self.started > self.budget_s:
-                    self.not_measured.append(form.key)
-                    continue
-                began = time.monotonic()
-                self.measure(form)
-                self.report_form(form, time.monotonic() - began)
+    def run(self) -> bool:
+        """Measure every form (the budget allowing), writing the profile after each; True when the run ended, False
+        when interrupted (Ctrl-C): the forms measured so far are written, the others listed as not measured."""
+        try:
+            with torch.no_grad():
+                for form in self.forms:
+                    if time.monotonic() - self.started > self.budget_s:
+                        self.not_measured.append(form.key)
+                        continue
+                    began = time.monotonic()
+                    self.measure(form)
+                    self.report_form(form, time.monotonic() - began)
+                    self.write()
+        except KeyboardInterrupt:
+            self.not_measured += [form.key for form in self.forms
+                                  if form.key not in self.measurements and form.key not in self.not_measured]
+            if self.decisions:
                 self.write()
+                print(f"fl-patch tune: interrupted; {self.out} holds the {len(self.decisions)} forms measured (not "
+                      f"measured: {', '.join(self.not_measured)})", file=sys.stderr)
+            else:
+                print("fl-patch tune: interrupted before a form was measured; nothing written", file=sys.stderr)
+            return False
         if self.not_measured:
             print(f"  budget of {self.budget_s:g} s spent: not measured {', '.join(self.not_measured)} (their families "
                   "take their measured forms' decision; a family with none is absent: FlagGems at every size)")
         self.write()
         self.print_table()
+        return True
 
     def sizes(self, form: Form) -> tuple[int, ...]:
         if self.mode == "cpu":
@@ -584,10 +614,13 @@ class Tuner:
         print(f"  {form.key:<22} {verdict:<22} {seconds:5.1f} s", flush=True)
         for variant in dict.fromkeys(p["variant"] for p in self.measurements[form.key]):
             for regime, label in ((None, "native/gems "), (COMPILED, "compiled    ")):
-                ratios = [f"{size_label(p['elements'])} {_ratio(p)}" for p in self.measurements[form.key]
-                          if p["variant"] == variant and p.get("regime") == regime]
-                if ratios:
-                    print(f"      {label} {variant}: {', '.join(ratios)}", flush=True)
+                measured = [p for p in self.measurements[form.key]
+                            if p["variant"] == variant and p.get("regime") == regime]
+                if measured:
+                    ratios = ", ".join(f"{size_label(p['elements'])} {_ratio(p)}" for p in measured)
+                    print(f"      {label} {variant}: {ratios}", flush=True)
+                for failure in dict.fromkeys(_failures(measured)):
+                    print(f"        {failure}", flush=True)
 
     def profile(self) -> dict:
         families = {}
@@ -614,7 +647,7 @@ class Tuner:
         print(f"fl-patch tune: {len(self.decisions)} forms measured in {data['elapsed_s']} s; wrote {self.out}")
         for family, entry in data["families"].items():
             forms = ", ".join(f"{form} {_route(decision)}" for form, decision in entry["forms"].items())
-            print(f"  {family:<11} {_route(entry):<22} ({forms})")
+            print(f"  {family:<{FAMILY_WIDTH}} {_route(entry):<22} ({forms})")
 
 
 def _route(decision: dict) -> str:
@@ -626,12 +659,19 @@ def _ratio(point: dict) -> str:
     if "not_taken" in point:
         return f"not taken ({point['not_taken']})"
     gems_us, native_us = point["gems_us"], point["native_us"]
-    if math.isinf(gems_us):
-        return "gems failed"
+    for side, us in (("gems", gems_us), ("native", native_us)):
+        if math.isinf(us):
+            return f"{side} failed"
     text = f"{native_us / gems_us:.2f}"
     if point.get("gems_device_bound_us"):
         text += f"/{point['native_device_bound_us'] / point['gems_device_bound_us']:.2f}"
     return text
+
+
+def _failures(points: list[dict]) -> list[str]:
+    """``<side> failed: <the error's first line>`` for each side that raised at one of `points`."""
+    return [f"{side} failed: {point[f'{side}_error'].splitlines()[0]}" for point in points
+            for side in ("gems", "native") if f"{side}_error" in point]
 
 
 def _json_ready(points: list[dict]) -> list[dict]:

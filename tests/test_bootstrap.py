@@ -208,3 +208,39 @@ def test_bootstrap_dir_is_found_from_a_checkout():
     from fl_patch.cli import bootstrap_dir
 
     assert bootstrap_dir() == str(REPO / "sitecustomize")
+
+
+DROPOUT_TWICE = ("import torch, torch.nn.functional as F; q = torch.randn(1, 2, 4, 8)\n"
+                 "for _ in range(2): F.scaled_dot_product_attention(q, q, q, dropout_p=0.5)")
+FALLBACK = "fl_patch: torch.nn.functional.scaled_dot_product_attention falls back to the original (dropout)"
+
+
+def test_log_level_info_and_debug_show_on_stderr():
+    quiet = run_python(DROPOUT_TWICE, env=REFERENCE)
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    info = run_python(DROPOUT_TWICE, env={"FL_PATCH_LOG_LEVEL": "INFO", **REFERENCE})
+    lines = info.stderr.splitlines()
+    assert lines[0].startswith("fl_patch (sitecustomize): active, kernels=reference; ")
+    assert lines.count(FALLBACK) == 1 and "patched:" not in info.stderr  # the first fallback per reason, once
+    debug = run_python(DROPOUT_TWICE, env={"FL_PATCH_LOG_LEVEL": "debug", **REFERENCE})
+    assert ("fl_patch: torch.rms_norm patched: torch.nn.functional.rms_norm (torch reference)"
+            in debug.stderr.splitlines())
+    assert debug.stderr.count(FALLBACK) == 1
+
+
+def test_log_records_show_once_through_the_application_s_own_logging():
+    code = "import logging; logging.basicConfig(format='app: %(name)s: %(message)s')\n" + DROPOUT_TWICE
+    result = run_python(code, env={"FL_PATCH_LOG_LEVEL": "INFO", **REFERENCE})
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines().count(f"app: fl_patch: {FALLBACK}") == 1
+    assert all(line.startswith("app: ") for line in result.stderr.splitlines()), result.stderr
+
+
+def test_an_activation_that_fails_leaves_fl_patch_inactive(tmp_path):
+    broken = tmp_path / "wrapt"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('wrapt is broken here')\n")
+    code = f"import json, fl_patch; print(json.dumps([{PATCHED}, fl_patch.is_active(), fl_patch.report()]))"
+    result = run_python(code, env=REFERENCE, extra_path=[tmp_path])
+    assert last_json(result) == [False, False, []]
+    assert result.stderr.startswith("fl_patch (sitecustomize): did not activate (error ImportError): wrapt is broken")

@@ -175,12 +175,93 @@ def test_tune_quick_writes_a_profile_that_parses(tmp_path):
     assert "rms_norm.hf" in result.stdout and str(out) in result.stdout
 
 
-def test_tune_quick_without_out_writes_a_temporary_file_not_the_cache(tmp_path):
-    result, _ = fl_patch_command("tune", "--quick", "--families", "swiglu", env={"XDG_CACHE_HOME": str(tmp_path)})
+def test_tune_quick_without_out_checks_a_temporary_file_then_removes_it(tmp_path):
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    result, _ = fl_patch_command("tune", "--quick", "--families", "swiglu",
+                                 env={"XDG_CACHE_HOME": str(tmp_path), "TMPDIR": str(temporary)})
     assert result.returncode == 0, result.stderr
-    assert not (tmp_path / "fl_patch").exists()
-    written = result.stdout.splitlines()[0].rsplit("profile: ", 1)[1]
-    assert os.path.isfile(written) and "fl_patch_tune_" in written
+    assert not (tmp_path / "fl_patch").exists()  # not the user cache
+    written = result.stdout.splitlines()[0].rsplit("profile: ", 1)[1].removesuffix(" (temporary: --out PATH keeps it)")
+    assert written.startswith(str(temporary / "fl_patch_tune_"))
+    assert f"fl-patch tune: {written} parses; removed with its temporary folder" in result.stdout
+    assert list(temporary.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [("tune", "--quick", "--out"), ("check", "--quick", "--json")])
+@pytest.mark.parametrize("where, problem", [
+    ("afile/p.json", "afile is a file, not a folder"),
+    ("/proc/p.json", "nothing can be created in /proc"),
+    (".", "it is a folder"),
+])
+def test_an_output_path_that_cannot_be_written_fails_before_measuring(tmp_path, command, where, problem):
+    (tmp_path / "afile").write_text("")
+    path = tmp_path / where if not where.startswith("/") else where
+    result, seconds = fl_patch_command(*command, str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"fl-patch {command[0]}: {command[2]} {path} can't be written: ")
+    assert problem.replace("afile", str(tmp_path / "afile")) in line
+    assert line.endswith("; give a file path in a folder you can write")
+    assert "rms_norm" not in result.stdout  # nothing measured
+    assert seconds < 30, seconds
+
+
+def interrupted(args, out, first_line):
+    """Start ``fl-patch ARGS``, press Ctrl-C once a line starting with `first_line` is printed: (rc, stdout, stderr)."""
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FL_PATCH", "LIGHTX2V_FL_", "PYTHONPATH"))}
+    process = subprocess.Popen([sys.executable, "-m", "fl_patch", *args, str(out)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=REPO, env={**env, "PYTHONPATH": str(REPO)})
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith(first_line):
+            process.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = process.communicate(timeout=120)
+    return process.returncode, "".join(lines) + stdout, stderr
+
+
+def test_ctrl_c_in_tune_says_interrupted_keeps_the_forms_measured_and_exits_130(tmp_path):
+    from fl_patch import profiles
+
+    out = tmp_path / "p.json"
+    rc, stdout, stderr = interrupted(("tune", "--quick", "--families", "rms_norm.hf,swiglu,layer_norm", "--out"),
+                                     out, "  rms_norm.hf ")
+    assert rc == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    [line] = stderr.splitlines()
+    assert line.startswith(f"fl-patch tune: interrupted; {out} holds the ")
+    data = json.loads(out.read_text())
+    assert "rms_norm" in data["families"] and "layer_norm.layer_norm" in data["not_measured"]
+    profiles.read(out, "test")
+
+
+def test_ctrl_c_in_check_says_interrupted_writes_the_cases_so_far_and_exits_130(tmp_path):
+    out = tmp_path / "check.json"
+    rc, stdout, stderr = interrupted(("check", "--quick", "--json"), out, "  rms_norm.hf ")
+    assert rc == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    [line] = stderr.splitlines()
+    assert line.startswith("fl-patch check: interrupted after ") and line.endswith(f"; wrote {out}")
+    data = json.loads(out.read_text())
+    assert data["interrupted"] is True and data["counts"]["cases"] == len(data["cases"]) > 0
+    assert data["counts"]["fail"] == 0
+
+
+def test_a_side_that_fails_is_said_with_its_reason(monkeypatch, tmp_path, capsys):
+    from fl_patch import tuning
+    from fl_patch.kernels import swiglu
+
+    def broken(*args):
+        raise RuntimeError("no kernel for this shape\nsecond line")
+
+    monkeypatch.setattr(swiglu, "reference", broken)
+    assert tuning.main(["--quick", "--families", "swiglu", "--out", str(tmp_path / "p.json")]) == 0
+    out = capsys.readouterr().out
+    assert "gems failed, " in out and "        gems failed: RuntimeError: no kernel for this shape\n" in out
 
 
 def test_device_grid_keeps_linear_to_two_sizes_in_bfloat16():

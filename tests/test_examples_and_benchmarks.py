@@ -1,6 +1,7 @@
 """Every example and benchmark runs as written, in its --quick / CPU form (the GPU figures come from the
 device runs committed under benchmarks/results and tests/gpu/results)."""
 
+import importlib.util
 import json
 import os
 import re
@@ -165,3 +166,27 @@ def test_fast_launch_gpu_script_dry_run_passes_every_case(tmp_path):
     unbound = [row for row in report["cases"] if not row["bound"]]
     assert [row["form"] for row in unbound] == ["transposed x (FlagGems copies it)"] * 2  # bf16, fp32
     assert "torch work in the call: aten.clone" in (tmp_path / "fast_launch.md").read_text()
+
+
+def test_a_script_run_from_examples_or_benchmarks_finds_no_stand_in_for_a_patched_package():
+    """`python examples/demo.py` puts examples/ first on sys.path: a folder there named like a package fl_patch patches
+    (examples/lightx2v was one) is imported as that package, a namespace package with none of its code."""
+    from fl_patch import _bootstrap
+
+    missing = sorted(name for name in _bootstrap.WATCHED_PACKAGES if importlib.util.find_spec(name) is None)
+    assert "lightx2v" in missing  # not installed here: what the check is about
+    code = ("import importlib.util, json, sys; sys.path.insert(0, sys.argv[1]); "
+            f"print(json.dumps([n for n in {missing!r} if importlib.util.find_spec(n) is not None]))")
+    for folder in ("examples", "benchmarks", "tests/gpu"):
+        found = subprocess.run([sys.executable, "-c", code, str(REPO / folder)], capture_output=True, text=True,
+                               timeout=60)
+        assert json.loads(found.stdout) == [], (folder, found.stderr)
+
+
+def test_demo_with_gems_kernels_on_a_cpu_machine_says_what_it_needs():
+    result = subprocess.run([sys.executable, str(REPO / "examples/demo.py"), "--kernels", "gems"], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        "demo.py: error: --kernels gems runs FlagGems' kernels, which need a GPU and FlagGems (no CUDA GPU here); "
+        "--kernels reference runs fl_patch's torch kernels on the same patched paths, on the CPU")

@@ -625,7 +625,7 @@ def test_quant_gpu_script_gems_paths_through_the_fake_flaggems(tmp_path):
 
 
 def test_example_runs_quick_on_the_standin():
-    result = subprocess.run([sys.executable, str(REPO / "examples/lightx2v/run_ops.py"), "--quick"],
+    result = subprocess.run([sys.executable, str(REPO / "examples/with_lightx2v/run_ops.py"), "--quick"],
                             capture_output=True, text=True, timeout=120, cwd=str(REPO))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "flagos_rms_norm" in result.stdout and "patched" in result.stdout

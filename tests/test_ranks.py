@@ -53,6 +53,7 @@ def torchrun(tmp_path, ending):
 def test_rank_zero_prints_the_ranks_grouped_by_vendor_device_and_profile(tmp_path, ending):
     stderr = torchrun(tmp_path, ending)
     assert stderr.count("fl_patch ranks: 2 (by vendor / device / profile)") == 1  # rank 0 only
+    assert stderr.count("fl_patch report:") == 1  # not the launcher's too (it imports torch, without a RANK)
     [h200] = [line for line in stderr.splitlines() if line.strip().startswith("ranks 0:")]
     [ascend] = [line for line in stderr.splitlines() if line.strip().startswith("ranks 1:")]
     assert "nvidia, NVIDIA H200, profile h200.json (user cache)" in h200

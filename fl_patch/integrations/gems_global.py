@@ -69,10 +69,8 @@ def enable_globally(torch_module, ctx) -> None:
     torch is imported (a warning, an error in strict mode); with it on, FlagGems' own table checks every name."""
     if not ctx.settings.gems_global:
         problem = unused_names_problem(ctx.settings.gems_unused, torch_module)
-        if problem and ctx.settings.strict:
-            raise UnknownNameError(problem)
         if problem:
-            log.warning("fl_patch: %s", problem)
+            ctx.bad_setting(f"{problem}; ignored: FL_PATCH_GEMS_GLOBAL is off, so the list is not used")
         raise Skip("FL_PATCH_GEMS_GLOBAL is off" + (f"; {problem}" if problem else ""))
     from fl_patch.kernels import gems
 
@@ -82,7 +80,13 @@ def enable_globally(torch_module, ctx) -> None:
     except gems.GemsUnavailable as exc:
         raise PatchError(f"FL_PATCH_GEMS_GLOBAL=1 but FlagGems can't be used: {exc}") from None
     table = function_table(flag_gems)
-    unused = resolve_unused(ctx.settings.gems_unused, table)
+    try:
+        unused = resolve_unused(ctx.settings.gems_unused, table)
+    except UnknownNameError as exc:
+        message = (f"{exc}; the aten-wide override is not enabled: an op the list meant to keep off FlagGems would"
+                   " run on it")
+        ctx.bad_setting(message)
+        raise Skip(message) from None
 
     lib = recording_library(torch_module)
     try:
@@ -173,9 +177,9 @@ def unused_names_problem(names, torch_module) -> str | None:
 
 
 def _unknown_message(name: str, op: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(op, valid, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return (f"{SETTING}: {name!r} is neither a FlagGems function nor an aten op FlagGems overrides{hint} Accepted:"
+    close = difflib.get_close_matches(op, valid, n=1, cutoff=0.75)  # 'notanop' is not a typo of 'tan' (0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return (f"{SETTING}: {name!r} is neither a FlagGems function nor an aten op FlagGems overrides{hint}; accepted:"
             " FlagGems function names ('layer_norm', 'true_divide'), aten op names ('native_layer_norm',"
             f" 'div.Tensor', 'div'), {DEFAULT_TOKEN!r} for fl_patch's default list, or {NONE_TOKEN!r}")
 

@@ -1,9 +1,9 @@
 """LightX2V ops built from two configs, one with LightX2V's own keys and one with lightx2v-plugin-FL's
 ``flagos_*`` keys, run as one Wan-style attention block on the same input; then fl_patch's report.
 
-    python examples/lightx2v/run_ops.py --quick                   # CPU: the test stand-in, torch reference kernels
-    python examples/lightx2v/run_ops.py                           # GPU: the installed LightX2V, FlagGems kernels
-    python examples/lightx2v/run_ops.py --lightx2v-src ~/LightX2V  # GPU: a LightX2V checkout
+    python examples/with_lightx2v/run_ops.py --quick                   # CPU: the test stand-in, torch reference kernels
+    python examples/with_lightx2v/run_ops.py                           # GPU: the installed LightX2V, FlagGems kernels
+    python examples/with_lightx2v/run_ops.py --lightx2v-src ~/LightX2V # GPU: a LightX2V checkout
 
 Nothing in the configs or in the op code changes: ``fl_patch.apply()`` before LightX2V is imported is all
 (``import fl_patch``, the sitecustomize bootstrap or ``PLATFORM=flagos`` do the same with no call at all).
