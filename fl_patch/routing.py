@@ -135,8 +135,8 @@ def configure(settings, registry) -> list[str]:
             with _routing.lock:
                 _routing.said.add(str(exc))
             return [f"FL_PATCH_PROFILE: {exc}; accepted: a profile file (`fl-patch tune` writes one), a folder of "
-                    "them, or 'off'; ignored: no device profile is used, calls keep the native path until measured, and "
-                    "nothing is calibrated while FL_PATCH_PROFILE is set"]
+                    "them, or 'off'; ignored: no device profile is used, calls keep the native path, and nothing "
+                    "is calibrated while FL_PATCH_PROFILE is set"]
     return []
 
 
