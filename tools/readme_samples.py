@@ -114,7 +114,8 @@ def run(name: str, code: str | None = None) -> str:
     done = subprocess.run(argv, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=sample.timeout_s)
     if done.returncode != 0:
         raise RuntimeError(f"sample {name!r} ({' '.join(argv[1:])}) exited {done.returncode}:\n{done.stderr}")
-    return "\n".join(line.rstrip() for line in done.stdout.rstrip("\n").split("\n"))
+    out = done.stdout.replace(str(REPO), "<checkout>")  # the clone's folder differs from machine to machine
+    return "\n".join(line.rstrip() for line in out.rstrip("\n").split("\n"))
 
 
 def normalized(text: str) -> list[str]:
