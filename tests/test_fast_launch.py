@@ -408,7 +408,10 @@ def test_threads_calling_one_signature_get_right_results_and_bind_it_once(ops, m
 
 # ------------------------------------------------------------------------------------ switch and report
 
-def test_gems_ops_is_the_fast_path_unless_switched_off(fake_gems, monkeypatch):
+def test_gems_ops_is_the_fast_path_only_when_switched_on(fake_gems, monkeypatch):
+    assert gems.ops() is fake_gems  # off by default until the GPU suite has proven it
+    monkeypatch.setenv("FL_PATCH_FAST_LAUNCH", "1")
+    gems.configure_fast_launch(None)
     assert isinstance(gems.ops(), fast_launch.FastOps) and gems.ops().module is fake_gems
     assert gems.ops().mm is fake_gems.mm  # everything else: the module's own
     monkeypatch.setenv("FL_PATCH_FAST_LAUNCH", "0")
@@ -428,20 +431,21 @@ def test_a_bad_fast_launch_value_is_reported(monkeypatch, caplog):
     with pytest.raises(settings.SettingsError, match="FL_PATCH_FAST_LAUNCH='sometimes' is not a boolean"):
         settings.load({"FL_PATCH_FAST_LAUNCH": "sometimes"})
     chosen, problems = settings.load_lenient({"FL_PATCH_FAST_LAUNCH": "sometimes"})
-    assert chosen.fast_launch and problems == [
+    assert not chosen.fast_launch and problems == [
         "FL_PATCH_FAST_LAUNCH='sometimes' is not a boolean; accepted: 1, 0, true, false, yes, no, on, off; "
-        "ignored: the fast launch path stays on"]
-    assert not settings.load({"FL_PATCH_FAST_LAUNCH": "off"}).fast_launch
-    monkeypatch.setenv("FL_PATCH_FAST_LAUNCH", "sometimes")  # read by gems without apply(): said once, stays on
+        "ignored: the fast launch path stays off"]
+    assert settings.load({"FL_PATCH_FAST_LAUNCH": "on"}).fast_launch
+    monkeypatch.setenv("FL_PATCH_FAST_LAUNCH", "sometimes")  # read by gems without apply(): said once, stays off
     monkeypatch.setattr(gems, "_said", set())
     gems.configure_fast_launch(None)
-    assert gems.fast_launch_enabled() and gems.fast_launch_enabled()
+    assert not gems.fast_launch_enabled() and not gems.fast_launch_enabled()
     assert caplog.text.count("FL_PATCH_FAST_LAUNCH='sometimes' is not a boolean") == 1
 
 
 def test_patched_calls_on_a_flag_gems_that_launches_nothing_are_never_wrong(fake_gems, monkeypatch):
     """The stand-in FlagGems of tests/fake_flag_gems computes in torch (no launch): never bound, same results."""
     monkeypatch.setattr(gems, "device_reason", lambda tensor: None)
+    monkeypatch.setenv("FL_PATCH_FAST_LAUNCH", "1")
     fast_launch.use_api(fake_launch.api())
     try:
         x, weight = bf16(4, 64), bf16(64)

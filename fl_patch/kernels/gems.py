@@ -92,12 +92,13 @@ def info() -> dict:
 
 
 def _reset_for_tests() -> None:
-    """Forget the cached module or failure so that the next ``load()`` imports again."""
-    global _module, _load_error, _ops
+    """Forget the cached module or failure so that the next ``load()`` imports again, and the fast launch setting."""
+    global _module, _load_error, _ops, _fast_launch
     with _load_lock:
         _module = None
         _load_error = None
         _ops = None
+        _fast_launch = None
 
 
 # Per-call checks shared by the families. Reasons are stable strings (counter keys).
@@ -193,26 +194,26 @@ def configure_fast_launch(enabled: bool | None) -> None:
     signatures bound so far."""
     global _fast_launch, _ops
     with _load_lock:
-        before = fast_launch_enabled()
         _fast_launch = enabled
-        if fast_launch_enabled() != before:
-            _ops = None
+        if _ops is not None and isinstance(_ops, ModuleType) == fast_launch_enabled():
+            _ops = None  # made for the other setting
 
 
 def fast_launch_enabled() -> bool:
     """Whether ``ops()`` gives the fast launch path: the setting ``fl_patch.apply`` passed, else
-    FL_PATCH_FAST_LAUNCH (default on; a value that is not a boolean is said once and leaves it on)."""
+    FL_PATCH_FAST_LAUNCH (default off until the GPU suite has proven it; a value that is not a boolean is said once
+    and leaves it off)."""
     if _fast_launch is not None:
         return _fast_launch
     from fl_patch import settings
 
     try:
-        return settings.parse_bool(FAST_LAUNCH_VARIABLE, os.environ.get(FAST_LAUNCH_VARIABLE, "1") or "1")
+        return settings.parse_bool(FAST_LAUNCH_VARIABLE, os.environ.get(FAST_LAUNCH_VARIABLE, "0") or "0")
     except settings.SettingsError as exc:
         if FAST_LAUNCH_VARIABLE not in _said:
             _said.add(FAST_LAUNCH_VARIABLE)
-            logging.getLogger("fl_patch").warning("fl_patch: %s; ignored: the fast launch path stays on", exc)
-        return True
+            logging.getLogger("fl_patch").warning("fl_patch: %s; ignored: the fast launch path stays off", exc)
+        return False
 
 
 _said: set = set()
