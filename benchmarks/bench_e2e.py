@@ -57,7 +57,8 @@ FAMILIES = ("attention", "rms_norm", "rope", "linear", "swiglu")
 PARTS = ("prefill", "decode", "compile", "train")
 # fl_patch's hand-written routing table before device profiles, kept as a profile to compare with in the same run.
 HAND_TABLE = Path(__file__).resolve().parent / "hand_table_profile.json"
-PROFILES_SEEN: dict[str, str] = {}  # fl_patch variant -> the profile it routed by (fl_patch.routing.summary_line)
+# fl_patch variant -> the profile it routed by (fl_patch.device.routing.summary_line)
+PROFILES_SEEN: dict[str, str] = {}
 # fl_patch variant -> per routing key, calls calibration timed in this process and the decision it reached
 CALIBRATION_SEEN: dict[str, dict] = {}
 TUNED_PROFILE = ""  # --tuned-profile: a `fl-patch tune` profile, run as variant fl_patch_tuned beside fl_patch
@@ -236,7 +237,7 @@ def measure_shapes(model, name, context, timer, shapes, vocab, device, reference
             if saved is not None:
                 saved()
         if name.startswith("fl_patch") and fl_patch.is_active():
-            from fl_patch import routing
+            from fl_patch.device import routing
 
             PROFILES_SEEN[name] = routing.summary_line()
             learned = routing.describe().get("calibration", {}).get("keys", {})

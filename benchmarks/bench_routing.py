@@ -25,7 +25,7 @@ import torch
 
 import fl_patch
 from bench_e2e import Timer, decode_fn  # benchmarks/, on sys.path as the script's folder
-from fl_patch import devices, profiles
+from fl_patch.device import devices, profiles
 from fl_patch.kernels import gems
 from model_configs import model_config
 

@@ -35,9 +35,9 @@ def apply(
     comma string. An opt-in row (``transformers.fused_linear_cross_entropy``) runs only when its name is included,
     and naming it adds it to the other rows rather than narrowing them.
     kernels: ``"gems"`` or ``"reference"``. profile: the device profile to route by (a file or folder path, or
-    ``"off"``; see fl_patch.profiles). fast_launch: FlagGems' hot functions launched directly once a call signature
-    is bound (fl_patch.kernels.fast_launch; default True). Arguments left None come from ``FL_PATCH_*`` variables,
-    then defaults.
+    ``"off"``; see fl_patch.device.profiles). fast_launch: FlagGems' hot functions launched directly once a call
+    signature is bound (fl_patch.kernels.fast_launch; default False until proven on a GPU). Arguments left None
+    come from ``FL_PATCH_*`` variables, then defaults.
     Applying again with different settings reverts first. Raises SettingsError (a ValueError) naming the bad
     value and what is accepted.
     """

@@ -5,8 +5,8 @@ every Python process it starts (torchrun workers, multiprocessing children) acti
 code changes. ``fl-patch bootstrap-path`` prints that directory, for setting PYTHONPATH yourself (a job
 script, a container's environment). ``fl-patch status [--json]`` imports torch (and transformers, if
 installed), applies from the environment and prints the environment and every target with its state.
-``fl-patch check`` and ``fl-patch tune`` (their options: ``fl-patch check -h``) are fl_patch.conformance and
-fl_patch.tuning. ``fl-patch --version`` prints fl_patch's version.
+``fl-patch check`` and ``fl-patch tune`` (their options: ``fl-patch check -h``) are fl_patch.device.conformance and
+fl_patch.device.tuning. ``fl-patch --version`` prints fl_patch's version.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def status(as_json: bool) -> int:
             for form, own in entry.get("forms", {}).items():
                 print(f"      {form:<{form_width}} {_route_words(own)}: {own['why']}")
         if profile.get("device") is not None:
-            from fl_patch import routing
+            from fl_patch.device import routing
 
             for line in routing.learning_lines(profile):
                 print(f"    {line}")
@@ -158,7 +158,8 @@ def status(as_json: bool) -> int:
 
 def _profile(chosen, problems: list[str]) -> dict:
     """The device profile in force for the first accelerator here (looked up now, as a first call would)."""
-    from fl_patch import environment, profiles, routing
+    from fl_patch import environment
+    from fl_patch.device import profiles, routing
 
     if not chosen.enabled:
         return {"state": "not used", "summary": "profile: not used (FL_PATCH=0)"}
@@ -175,7 +176,7 @@ def _profile(chosen, problems: list[str]) -> dict:
 
 
 def _route_words(entry: dict, compiled_shown: bool = False) -> str:
-    from fl_patch import profiles
+    from fl_patch.device import profiles
 
     return profiles.route_words(entry["route"], entry["min_elements"], entry.get("device_bound"),
                                 entry.get("compiled"), compiled_shown)
@@ -186,8 +187,8 @@ TORCH_MISSING = ("torch is not installed: fl_patch patches PyTorch's ops; instal
 INTERRUPTED = 130  # the exit status after Ctrl-C, as a shell gives (128 + SIGINT)
 
 # Commands whose module parses its own options (imported only when run: they import torch).
-DELEGATED = {"check": ("fl_patch.conformance", "conformance of fl_patch's kernels on this device"),
-             "tune": ("fl_patch.tuning", "measure FlagGems against native here and write a device profile")}
+DELEGATED = {"check": ("fl_patch.device.conformance", "conformance of fl_patch's kernels on this device"),
+             "tune": ("fl_patch.device.tuning", "measure FlagGems against native here and write a device profile")}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -41,7 +41,7 @@ def _device() -> str:
 
 def first_device(initialized_only: bool = False):
     """A ``torch.device`` of the first accelerator type torch reports available (``cuda`` first, then the other
-    vendors' types of fl_patch.devices.VENDORS, whose installed torch extension is imported first: ``torch_npu``
+    vendors' types of fl_patch.device.devices.VENDORS, whose installed torch extension is imported first: ``torch_npu``
     adds ``torch.npu``), or None for a CPU-only machine.
 
     `initialized_only`: the first type torch has already initialised, its current device, importing no vendor
@@ -51,7 +51,7 @@ def first_device(initialized_only: bool = False):
 
     import torch
 
-    from fl_patch import devices
+    from fl_patch.device import devices
 
     if not initialized_only:
         for vendor in devices.VENDORS:
@@ -75,7 +75,7 @@ def describe_device(device) -> str:
         return "cpu only (FlagGems kernels need an accelerator)"
     import torch
 
-    from fl_patch import devices
+    from fl_patch.device import devices
 
     info = devices.identify(device)
     count = getattr(torch, device.type).device_count()

@@ -26,7 +26,8 @@ _gathered: list | None = None  # the summaries once exchanged (rank 0), so that 
 
 def summary(rank: int) -> dict:
     """This rank's line: its device, its profile, how many places run on FlagGems, and its routed calls."""
-    from fl_patch import routing, runtime
+    from fl_patch import runtime
+    from fl_patch.device import routing
 
     profile = routing.describe()
     device = profile.get("device") or {}

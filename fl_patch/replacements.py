@@ -1,5 +1,5 @@
 """How replacement functions get their kernel: the provider's function of a kernel module, with the device's
-performance routing (:mod:`fl_patch.routing`) in front of the kernel's own check.
+performance routing (:mod:`fl_patch.device.routing`) in front of the kernel's own check.
 
 Replacements themselves are plain closures written per target (fixed signatures are cheaper than
 ``*args`` and trace cleanly under torch.compile); each checks ``unsupported`` per call, hands what the
@@ -28,7 +28,7 @@ def kernel_pair(kernel_module: ModuleType, form: str, provider: str, rec) -> tup
     family = kernel_module.FAMILY
     if provider != "gems" or family is None:
         return kernel, unsupported
-    from fl_patch import routing
+    from fl_patch.device import routing
 
     key = f"{family}.{form or family}"
     route = routing.router(key, routing.is_lifted(rec.target, rec.family))
@@ -41,13 +41,13 @@ def kernel_pair(kernel_module: ModuleType, form: str, provider: str, rec) -> tup
 
 def watched(key: str, kernel: Callable, reference: Callable) -> Callable:
     """`kernel` behind its watch: a call in a dtype not yet verified on this device is verified first
-    (:mod:`fl_patch.verification`), a call the router handed to calibration is measured
-    (:mod:`fl_patch.calibration`); every other call, and every call while torch.compile traces, goes straight to
+    (:mod:`fl_patch.device.verification`), a call the router handed to calibration is measured
+    (:mod:`fl_patch.device.calibration`); every other call, and every call while torch.compile traces, goes straight to
     `kernel` (a set lookup and an attribute read). The native path both use is the key's calibration native, or
     the form's torch reference where it has none."""
     import torch
 
-    from fl_patch import calibration, verification
+    from fl_patch.device import calibration, verification
 
     is_compiling = torch.compiler.is_compiling
     verified = verification.checks(key).verified

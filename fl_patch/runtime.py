@@ -21,7 +21,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from fl_patch import failures, hooks, ledger, reporting, routing, table
+from fl_patch import failures, hooks, ledger, reporting, table
+from fl_patch.device import routing
 from fl_patch import settings as settings_mod
 from fl_patch.errors import PatchError, SettingsError
 

@@ -13,8 +13,8 @@ Two ways to read them:
   ``FL_PATCH_STRICT=1`` it raises instead.
 
 Include/exclude *names* are checked later, against the patch table (``fl_patch.table.Registry.check_names``),
-the FL_PATCH_PROFILE file when applying (``fl_patch.routing.configure``), FL_PATCH_GEMS_UNUSED names when torch is
-imported (``fl_patch.integrations.gems_global``).
+the FL_PATCH_PROFILE file when applying (``fl_patch.device.routing.configure``), FL_PATCH_GEMS_UNUSED names when
+torch is imported (``fl_patch.integrations.gems_global``).
 
 One rule for every setting fl_patch can't use, wherever it is found: one message that names the setting and its
 value, what is wrong, what is accepted and what fl_patch does instead (``ignored: ...``; an unknown exclude name

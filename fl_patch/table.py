@@ -53,7 +53,7 @@ class Target:
         behaviour (e.g. registry keys that other code names and must find).
     explicit_choice: the row installs something the user's own code or config must name to use
         (``attn_implementation="flagos"``, a ``flagos_*`` key); the device profile never keeps its family native
-        (``fl_patch.routing``).
+        (``fl_patch.device.routing``).
     kernel_free: the row belongs to a kernel family (include/exclude select it with the family) but runs no
         provider's kernel: no provider is resolved (``ctx.provider`` is None).
     description: one line for ``fl-patch status``.

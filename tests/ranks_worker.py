@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fl_patch import devices
+from fl_patch.device import devices
 from fl_patch.kernels import gems
 
 rank = int(os.environ["RANK"])

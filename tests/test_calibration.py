@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import fl_patch
-from fl_patch import calibration, devices, profiles, routing, verification
+from fl_patch.device import calibration, devices, profiles, routing, verification
 from fl_patch.kernels import gems
 
 DEVICE = devices.DeviceInfo(vendor="nvidia", type="cuda", name="NVIDIA H100 80GB HBM3", index=0, capability="9.0")
@@ -251,7 +251,7 @@ def test_concurrent_writers_keep_every_point(tmp_path):
     code = textwrap.dedent(f"""
         import sys
         from pathlib import Path
-        from fl_patch import calibration
+        from fl_patch.device import calibration
         rank = int(sys.argv[1])
         for bucket in range(5, 15):
             point = {{"elements": 1 << (bucket - 1), "bucket": bucket, "regime": "launch_bound", "gems_us": 1.0,

@@ -37,14 +37,14 @@ def points(*timings, noise=0.03):
 
 
 def test_faster_everywhere_is_gems_at_every_size():
-    from fl_patch.tuning import decide
+    from fl_patch.device.tuning import decide
 
     decision = decide(points((5, 10), (6, 10), (7, 10)))
     assert (decision["route"], decision["min_elements"]) == ("gems", 0)
 
 
 def test_faster_from_a_size_on_is_gems_above_it():
-    from fl_patch.tuning import decide
+    from fl_patch.device.tuning import decide
 
     decision = decide(points((20, 10), (12, 10), (8, 10), (50, 100)))
     assert (decision["route"], decision["min_elements"]) == ("gems", 1 << 16)
@@ -52,7 +52,7 @@ def test_faster_from_a_size_on_is_gems_above_it():
 
 
 def test_slower_beyond_noise_at_a_larger_size_moves_the_threshold_or_makes_it_native():
-    from fl_patch.tuning import decide
+    from fl_patch.device.tuning import decide
 
     assert decide(points((5, 10), (6, 10), (12, 10)))["route"] == "native"  # slower at the largest size
     decision = decide(points((5, 10), (12, 10), (6, 10), (7, 10)))  # slower in the middle: only above it
@@ -61,7 +61,7 @@ def test_slower_beyond_noise_at_a_larger_size_moves_the_threshold_or_makes_it_na
 
 
 def test_noise_decides_what_counts_as_slower():
-    from fl_patch.tuning import decide
+    from fl_patch.device.tuning import decide
 
     assert decide(points((5, 10), (10.2, 10)))["min_elements"] == 0  # 2% slower, within 3% noise
     assert decide(points((5, 10), (10.5, 10)))["route"] == "native"  # 5% slower
@@ -70,7 +70,7 @@ def test_noise_decides_what_counts_as_slower():
 
 
 def test_a_win_within_noise_does_not_count():
-    from fl_patch.tuning import decide
+    from fl_patch.device.tuning import decide
 
     # 7% faster within 16% noise, then within noise: nothing to tell from chance, so native until a real win
     decision = decide(points((10, 10.7), (10, 10.1), (5, 10), noise=0.16))
@@ -79,7 +79,7 @@ def test_a_win_within_noise_does_not_count():
 
 
 def test_redecide_rewrites_a_profile_from_its_measurements(tmp_path):
-    from fl_patch import profiles, tuning
+    from fl_patch.device import profiles, tuning
 
     point = {"form": "hf", "variant": "v", "shape": "s", "dtype": "bfloat16", "noise": 0.16}
     measured = [dict(point, elements=1 << 12, gems_us=10, native_us=10.7),
@@ -93,14 +93,14 @@ def test_redecide_rewrites_a_profile_from_its_measurements(tmp_path):
 
 
 def test_points_of_one_size_from_two_variants_must_both_hold():
-    from fl_patch.tuning import decide
+    from fl_patch.device.tuning import decide
 
     both = points((5, 10), (5, 10)) + [{"elements": 1 << 14, "gems_us": 15, "native_us": 10, "noise": 0.03}]
     assert decide(both)["route"] == "native"
 
 
 def test_family_takes_the_most_conservative_form():
-    from fl_patch.tuning import family_decision
+    from fl_patch.device.tuning import family_decision
 
     gems = {"route": "gems", "min_elements": 0}
     assert family_decision({"a": gems, "b": {"route": "gems", "min_elements": 4096}})["min_elements"] == 4096
@@ -156,7 +156,7 @@ def test_check_quick_passes_and_writes_every_case(tmp_path):
 
 
 def test_tune_quick_writes_a_profile_that_parses(tmp_path):
-    from fl_patch import profiles
+    from fl_patch.device import profiles
 
     out = tmp_path / "profile.json"
     result, seconds = fl_patch_command("tune", "--quick", "--out", str(out))
@@ -225,7 +225,7 @@ def interrupted(args, out, first_line):
 
 
 def test_ctrl_c_in_tune_says_interrupted_keeps_the_forms_measured_and_exits_130(tmp_path):
-    from fl_patch import profiles
+    from fl_patch.device import profiles
 
     out = tmp_path / "p.json"
     rc, stdout, stderr = interrupted(("tune", "--quick", "--families", "rms_norm.hf,swiglu,layer_norm", "--out"),
@@ -252,7 +252,7 @@ def test_ctrl_c_in_check_says_interrupted_writes_the_cases_so_far_and_exits_130(
 
 
 def test_a_side_that_fails_is_said_with_its_reason(monkeypatch, tmp_path, capsys):
-    from fl_patch import tuning
+    from fl_patch.device import tuning
     from fl_patch.kernels import swiglu
 
     def broken(*args):
@@ -265,7 +265,7 @@ def test_a_side_that_fails_is_said_with_its_reason(monkeypatch, tmp_path, capsys
 
 
 def test_device_grid_keeps_linear_to_two_sizes_in_bfloat16():
-    from fl_patch import conformance, kernel_cases
+    from fl_patch.device import conformance, kernel_cases
 
     forms = kernel_cases.select("linear,swiglu")
     check = conformance.Check("gems", torch.device("cuda"), forms, None)  # builds on a CPU-only torch too
@@ -298,7 +298,7 @@ def test_bad_arguments_exit_2_with_one_message(args, message):
     (lambda x, weight, eps: x.float(), "is float32"),
 ])
 def test_a_wrong_kernel_fails_the_check(monkeypatch, tmp_path, wrong, verdict):
-    from fl_patch import conformance
+    from fl_patch.device import conformance
     from fl_patch.kernels import rms_norm
 
     monkeypatch.setattr(rms_norm, "reference_hf", wrong)
@@ -310,7 +310,7 @@ def test_a_wrong_kernel_fails_the_check(monkeypatch, tmp_path, wrong, verdict):
 
 
 def test_a_wrong_gradient_fails_the_check(monkeypatch):
-    from fl_patch import conformance, kernel_cases
+    from fl_patch.device import conformance, kernel_cases
     from fl_patch.kernels import swiglu
 
     class WrongBackward(torch.autograd.Function):
@@ -336,7 +336,8 @@ def test_revert_identity_catches_an_attribute_left_patched(monkeypatch):
     import torch.nn.functional as F
 
     import fl_patch
-    from fl_patch import conformance, runtime
+    from fl_patch import runtime
+    from fl_patch.device import conformance
 
     leftover = lambda *args, **kwargs: None  # noqa: E731
     real_revert = runtime.revert
@@ -370,7 +371,7 @@ def gems_on_cpu(fake_gems, monkeypatch):
 
 
 def test_check_runs_the_gems_paths_and_records_what_they_do_not_take(gems_on_cpu, tmp_path):
-    from fl_patch import conformance, kernel_cases
+    from fl_patch.device import conformance, kernel_cases
 
     out = tmp_path / "check.json"
     forms = kernel_cases.select("rms_norm.hf,attention,rope.hf")
@@ -388,7 +389,7 @@ def test_check_runs_the_gems_paths_and_records_what_they_do_not_take(gems_on_cpu
 
 
 def test_tune_writes_to_the_user_cache_where_the_lookup_finds_it(gems_on_cpu, monkeypatch, tmp_path, capsys):
-    from fl_patch import devices, kernel_cases, profiles, tuning
+    from fl_patch.device import devices, kernel_cases, profiles, tuning
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(kernel_cases, "pick_device", lambda name, cpu_allowed: torch.device("cpu"))
@@ -405,7 +406,7 @@ def test_tune_writes_to_the_user_cache_where_the_lookup_finds_it(gems_on_cpu, mo
 
 
 def test_tune_budget_leaves_the_rest_not_measured(monkeypatch, tmp_path):
-    from fl_patch import profiles, tuning
+    from fl_patch.device import profiles, tuning
 
     clock = iter(range(0, 10_000, 100))  # every call to monotonic() is 100 s later
     monkeypatch.setattr(tuning.time, "monotonic", lambda: next(clock))
@@ -474,7 +475,7 @@ def regimes(launch, bound, native_device_bound_from):
 def test_the_device_bound_regime_is_decided_from_its_own_times_above_the_floor():
     """Host-bound FlagGems (launch-bound: faster only at the largest size) that is faster on the device from 2**16
     on; the native path is device-bound on its own from 2**18 on: the floor."""
-    from fl_patch.tuning import decide_regimes, device_bound_floor, family_decision
+    from fl_patch.device.tuning import decide_regimes, device_bound_floor, family_decision
 
     launch = ((80, 20), (80, 20), (80, 60), (90, 150))
     decision = decide_regimes(regimes(launch, ((4, 3), (6, 5), (20, 40), (70, 150)), native_device_bound_from=1))
@@ -494,7 +495,7 @@ def test_the_device_bound_regime_is_decided_from_its_own_times_above_the_floor()
 
 
 def test_the_floor_needs_every_variant_of_a_size():
-    from fl_patch.tuning import device_bound_floor
+    from fl_patch.device.tuning import device_bound_floor
 
     measured = regimes(((1, 1), (1, 1)), ((1, 1), (1, 1)), native_device_bound_from=0)
     other = dict(measured[0], native={"device_us": 10.0, "host_us": 10.0})  # another variant at 2**12: launch-bound
@@ -533,7 +534,7 @@ class FakeEvents:
 
 
 def test_device_bound_timing_gets_the_host_ahead_or_says_it_could_not(monkeypatch):
-    from fl_patch import tuning
+    from fl_patch.device import tuning
 
     backend = FakeEvents(ahead=[False, True])
     clock = tuning.Clock(torch.device("cpu"))
@@ -554,7 +555,7 @@ def test_device_bound_timing_gets_the_host_ahead_or_says_it_could_not(monkeypatc
 def test_the_compiled_decision_comes_from_the_compiled_points_alone():
     """Eager FlagGems wins everywhere, compiled it loses to inductor at the larger sizes: each regime its own
     decision, and the family takes the most conservative compiled one only when every form has one."""
-    from fl_patch.tuning import COMPILED, decide_all, family_decision
+    from fl_patch.device.tuning import COMPILED, decide_all, family_decision
 
     eager = points((5, 10), (5, 10))
     compiled = [dict(p, regime=COMPILED) for p in points((5, 10), (12, 10))]
@@ -569,7 +570,7 @@ def test_the_compiled_decision_comes_from_the_compiled_points_alone():
 
 
 def test_redecide_keeps_compiled_points_out_of_the_eager_decision(tmp_path):
-    from fl_patch import profiles, tuning
+    from fl_patch.device import profiles, tuning
 
     point = {"form": "hf", "variant": "v", "shape": "s", "dtype": "bfloat16", "noise": 0.03}
     measured = [dict(point, elements=1 << 12, gems_us=5, native_us=10),
@@ -582,7 +583,7 @@ def test_redecide_keeps_compiled_points_out_of_the_eager_decision(tmp_path):
 
 
 def test_tune_quick_compiled_writes_compiled_decisions_the_routing_reads(tmp_path):
-    from fl_patch import profiles
+    from fl_patch.device import profiles
 
     out = tmp_path / "profile.json"
     result, _ = fl_patch_command("tune", "--quick", "--compiled", "--families", "rms_norm.hf", "--out", str(out),

@@ -14,7 +14,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import fl_patch
-from fl_patch import profiles
+from fl_patch.device import profiles
 from fl_patch.kernels import custom_ops, gems
 
 FAMILIES = ["rms_norm", "rope", "attention", "swiglu", "linear"]
@@ -271,9 +271,9 @@ def test_eager_calls_get_the_flag_gems_module_and_compiled_ones_the_ops(stand_in
 
 
 def test_calls_the_routing_sends_native_under_compile_run_the_native_path(stand_in_device, monkeypatch):
-    """As fl_patch.routing does under compile for a family the profile keeps native: the RMSNorms run torch's
+    """As fl_patch.device.routing does under compile for a family the profile keeps native: the RMSNorms run torch's
     fused rms_norm inside the graph, the other families stay on FlagGems; nothing is counted."""
-    from fl_patch import routing
+    from fl_patch.device import routing
 
     def router(key, lifted):
         return (lambda tensor: gems.PROFILE_NATIVE) if key.startswith("rms_norm.") else (lambda tensor: None)

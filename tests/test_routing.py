@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import fl_patch
-from fl_patch import devices, environment, profiles, routing
+from fl_patch import environment
+from fl_patch.device import devices, profiles, routing
 from fl_patch.kernels import gems
 
 DEVICE = devices.DeviceInfo(vendor="ascend", type="npu", name="Ascend 910B", index=0, capability=None)

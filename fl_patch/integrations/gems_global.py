@@ -121,7 +121,7 @@ def _select_local_device(torch_module) -> None:
     calls ``torch.cuda.set_device`` (or its vendor's); without this every rank would put a context on device 0."""
     import os
 
-    from fl_patch import devices
+    from fl_patch.device import devices
 
     local_rank = os.environ.get("LOCAL_RANK")
     module = devices.device_module(torch_module)

@@ -29,7 +29,7 @@ import torch
 
 from fl_patch.kernels import gems
 
-FAMILY = "attention"  # routing keys of this module: "attention.<form>" (fl_patch.routing)
+FAMILY = "attention"  # routing keys of this module: "attention.<form>" (fl_patch.device.routing)
 
 FLASH_HEAD_DIMS = frozenset({32, 64, 96, 128, 192, 256})
 SDPA_HEAD_DIMS = frozenset({16, 32, 64, 128, 256})

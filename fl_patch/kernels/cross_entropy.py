@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from fl_patch.kernels import gems as _gems
 
-FAMILY = "cross_entropy"  # routing keys of this module: "cross_entropy.<form>" (fl_patch.routing)
+FAMILY = "cross_entropy"  # routing keys of this module: "cross_entropy.<form>" (fl_patch.device.routing)
 
 
 def _masked(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:

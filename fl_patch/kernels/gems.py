@@ -105,10 +105,10 @@ def _reset_for_tests() -> None:
 
 HALF_DTYPE_NAMES = ("torch.float16", "torch.bfloat16")
 UNUSABLE = "flag_gems unusable"  # FlagGems was tried and can't be imported: every gems call runs the original
-SMALL_INPUT = "small input"  # below the size this device's profile sends to FlagGems (fl_patch.routing)
+SMALL_INPUT = "small input"  # below the size this device's profile sends to FlagGems (fl_patch.device.routing)
 PROFILE_NATIVE = "native by profile"  # this device's profile keeps the call's family native at every size
-NOT_MEASURED = "native until measured"  # no measured profile: the prior (fl_patch.routing.prior)
-NOT_VERIFIED = "native: FlagGems' result differed"  # first-use verification failed here (fl_patch.verification)
+NOT_MEASURED = "native until measured"  # no measured profile: the prior (fl_patch.device.routing.prior)
+NOT_VERIFIED = "native: FlagGems' result differed"  # first-use verification failed here (fl_patch.device.verification)
 # Reasons of calls routed to the native path for speed or trust, not because of a limit of the kernel.
 NATIVE_ROUTES = (SMALL_INPUT, PROFILE_NATIVE, NOT_MEASURED, NOT_VERIFIED)
 _dtype_reasons: dict = {}
@@ -142,7 +142,7 @@ def tensor_reason(tensor) -> str | None:
     as fl_patch's custom ops (:mod:`fl_patch.kernels.custom_ops`, reached through :func:`ops`); where those
     can't be used (FlagGems can't be imported, torch without ``torch.library.custom_op``) the reason is returned
     and the call runs the original. Which calls *should* go to FlagGems on this device, for speed, is
-    :mod:`fl_patch.routing`'s question, asked before this one (``fl_patch.replacements.kernel_pair``).
+    :mod:`fl_patch.device.routing`'s question, asked before this one (``fl_patch.replacements.kernel_pair``).
     """
     if sys.modules["torch"].compiler.is_compiling():
         from fl_patch.kernels import custom_ops

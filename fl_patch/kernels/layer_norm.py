@@ -10,7 +10,7 @@ import torch
 
 from fl_patch.kernels import gems as _gems
 
-FAMILY = "layer_norm"  # routing keys of this module: "layer_norm.<form>" (fl_patch.routing)
+FAMILY = "layer_norm"  # routing keys of this module: "layer_norm.<form>" (fl_patch.device.routing)
 
 
 def reference(

@@ -12,7 +12,7 @@ import torch
 
 from fl_patch.kernels import gems as _gems
 
-FAMILY = "linear"  # routing keys of this module: "linear.<form>" (fl_patch.routing)
+FAMILY = "linear"  # routing keys of this module: "linear.<form>" (fl_patch.device.routing)
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -28,7 +28,7 @@ INT8_MAX = 127.0
 EPS = 1e-10  # FlagGems' per_token_group_quant_fp8 default
 HALF = (torch.float16, torch.bfloat16)
 WEIGHT_DTYPES = {"fp8": FP8, "int8": torch.int8}
-# No performance routing (fl_patch.routing) for these forms: the alternative to the kernel is not a faster native
+# No performance routing (fl_patch.device.routing) for these forms: the alternative to the kernel is not a faster native
 # op but the dequantised fp32 reference (an fp32 copy of the weight and an fp32 GEMM per call);
 # tests/gpu/lightx2v_quant_gpu.py times both at Wan's 512-token text GEMMs (``reference_ms``).
 FAMILY = None

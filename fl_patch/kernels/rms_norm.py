@@ -15,7 +15,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fl_patch.kernels import gems
 
-FAMILY = "rms_norm"  # routing keys of this module: "rms_norm.<form>" (fl_patch.routing)
+FAMILY = "rms_norm"  # routing keys of this module: "rms_norm.<form>" (fl_patch.device.routing)
 
 # Gemma's (1 + weight) in fp32, per weight tensor: (weight._version when computed, value).
 _gemma_scale_cache = WeakIdKeyDictionary()

@@ -23,7 +23,7 @@ import torch
 
 from fl_patch.kernels import gems
 
-FAMILY = "rope"  # routing keys of this module: "rope.<form>" (fl_patch.routing)
+FAMILY = "rope"  # routing keys of this module: "rope.<form>" (fl_patch.device.routing)
 
 MIN_TABLE_ROWS = 4096
 

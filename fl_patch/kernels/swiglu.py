@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fl_patch.kernels import gems as _gems
 
-FAMILY = "swiglu"  # routing keys of this module: "swiglu.<form>" (fl_patch.routing)
+FAMILY = "swiglu"  # routing keys of this module: "swiglu.<form>" (fl_patch.device.routing)
 
 
 def reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

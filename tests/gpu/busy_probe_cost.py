@@ -1,11 +1,11 @@
-"""What the device-bound routing costs a call on this GPU: fl_patch.routing's busy probe (a stream query), timed
+"""What the device-bound routing costs a call on this GPU: fl_patch.device.routing's busy probe (a stream query), timed
 with the device idle and with work queued, against a plain Python call. Prints microseconds per call."""
 
 import time
 
 import torch
 
-from fl_patch import routing
+from fl_patch.device import routing
 
 
 def per_call_us(function, calls: int = 20000) -> float:

@@ -114,7 +114,7 @@ def test_small_hf_rms_norm_calls_take_the_native_path_on_the_device(record_prope
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import fl_patch
-    from fl_patch import profiles
+    from fl_patch.device import profiles
 
     path = profiles.write({"schema": 1, "device": {"name": torch.cuda.get_device_name(0)}, "versions": {},
                            "families": {"rms_norm": {"route": "gems", "min_elements": 1 << 22}}},

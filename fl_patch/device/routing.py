@@ -1,7 +1,7 @@
 """Performance routing: which calls a patched place sends to FlagGems on this device, read from its profile.
 
 Correct numbers are the kernels' business (``unsupported_*`` refuses what a kernel can't compute exactly); this
-module is only about speed. A device profile (:mod:`fl_patch.profiles`, measured by ``fl-patch tune``) says per
+module is only about speed. A device profile (:mod:`fl_patch.device.profiles`, measured by ``fl-patch tune``) says per
 routing key (``"rms_norm.hf"``, ``"attention.sdpa"``, ...) whether calls go to FlagGems (at or above a number of
 elements of the call's deciding tensor) or stay on the native path. A call routed away is counted under
 :data:`~fl_patch.kernels.gems.SMALL_INPUT` (below the size) or :data:`~fl_patch.kernels.gems.PROFILE_NATIVE` (the
@@ -32,12 +32,12 @@ A device with no measured profile is never made slower or wrong by fl_patch:
 - Until a key is measured its calls take the *prior* (:func:`prior`), the path that can't lose: native in the
   launch-bound regime (FlagGems' host cost can't hide there), and FlagGems in the device-bound regime only from
   the device-bound threshold of a profile *borrowed* from another device of the same vendor, type and
-  architecture (:func:`fl_patch.profiles.find`), where its device time is known to win; native under compile.
-- :mod:`fl_patch.calibration` measures the program's own calls, per key, size bucket and regime, and routes
+  architecture (:func:`fl_patch.device.profiles.find`), where its device time is known to win; native under compile.
+- :mod:`fl_patch.device.calibration` measures the program's own calls, per key, size bucket and regime, and routes
   each key by what it learned (the thresholds of an entry, as a profile's, within the measured size range; a call
   outside it is measured). The first calls of a calibrating process mix the two paths, each within the form's
   tolerance of the other.
-- :mod:`fl_patch.verification` compares FlagGems' first result per key and dtype with the native path's; a
+- :mod:`fl_patch.device.verification` compares FlagGems' first result per key and dtype with the native path's; a
   mismatch keeps the key native (:data:`~fl_patch.kernels.gems.NOT_VERIFIED`), lifted or not.
 
 What beats the profile: a family or target named in ``FL_PATCH_INCLUDE`` / ``include``, and rows the user's own
@@ -53,7 +53,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from fl_patch import calibration, profiles, verification
+from fl_patch.device import calibration, profiles, verification
 from fl_patch.kernels.gems import NOT_MEASURED, NOT_VERIFIED, PROFILE_NATIVE, SMALL_INPUT
 
 log = logging.getLogger("fl_patch")
@@ -97,7 +97,7 @@ def entry(threshold: int, reason: str, busy_threshold: int = NATIVE, compiled: t
     calls with at least `threshold` elements go to FlagGems; below it, calls with at least `busy_threshold` go to
     FlagGems while the device is busy; the others go native for `reason`. Under torch.compile calls with at least
     `compiled`'s threshold go to FlagGems, the others native for its reason (default: `threshold` and `reason`).
-    Eager calls whose size is outside `measured` (low, high) are calibrated (:mod:`fl_patch.calibration`)."""
+    Eager calls whose size is outside `measured` (low, high) are calibrated (:mod:`fl_patch.device.calibration`)."""
     compiled_threshold, compiled_reason = compiled or (threshold, reason)
     return threshold, reason, busy_threshold, compiled_threshold, compiled_reason, measured[0], measured[1]
 
@@ -375,7 +375,7 @@ def resolve(device) -> profiles.Lookup:
     with _routing.lock:
         if _routing.lookup is not None:
             return _routing.lookup
-    from fl_patch import devices
+    from fl_patch.device import devices
 
     info = devices.identify(device)
     lookup = profiles.find(info, _routing.setting)

@@ -5,18 +5,18 @@ A profile says, per kernel family (and optionally per form of it), whether calls
 stay on the native path (``"route": "native"``), with a ``why`` for people and the measurements it came from.
 That decision holds when nothing else keeps the device busy (launch-bound); an optional ``device_bound`` decision
 of the same shape holds while the host is ahead of the device, and an optional ``compiled`` one under
-torch.compile, where the other side is inductor's code for the native path (see :mod:`fl_patch.routing`).
+torch.compile, where the other side is inductor's code for the native path (see :mod:`fl_patch.device.routing`).
 Nothing in a profile is executed: it is parsed as JSON and checked field by field.
 
 Where profiles come from, first match wins: ``FL_PATCH_PROFILE`` (a file, a folder of profiles, or ``off``: no
 performance routing at all), then the user's cache (``$XDG_CACHE_HOME/fl_patch/profiles``, ``~/.cache`` when
 unset; ``fl-patch tune`` writes there), then the profiles shipped in this package (``fl_patch/profiles/``), then
-the profile calibrated on this device's own calls (``<cache>/calibrated/``, :mod:`fl_patch.calibration`). A
+the profile calibrated on this device's own calls (``<cache>/calibrated/``, :mod:`fl_patch.device.calibration`). A
 file or folder named by ``FL_PATCH_PROFILE`` is used whatever device it was made on (the status says so when it
 differs); in the cache and the package only a profile of this device's vendor and name counts. A profile made with
 other torch or flag_gems versions is used and flagged as stale. Where none is found, the measured profile of
 another device of the same vendor, type and architecture (capability) is *borrowed* for the prior of
-:func:`fl_patch.routing.prior`: its device-bound decisions only (device time is a fact of the architecture; host
+:func:`fl_patch.device.routing.prior`: its device-bound decisions only (device time is a fact of the architecture; host
 cost is not).
 
 The format (``schema`` 1)::
@@ -60,7 +60,7 @@ FAMILY_FORMS = {
     "layer_norm": ("layer_norm",),
     "cross_entropy": ("loss",),
 }
-SHIPPED_DIR = Path(__file__).resolve().parent / "profiles"
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "profiles"  # fl_patch/profiles/: package data
 
 
 class ProfileError(FlPatchError):
@@ -73,7 +73,7 @@ class Decision:
     nothing else keeping the device busy (launch-bound); ``device_bound``: the decision measured with the host
     ahead of the device, where the profile has one; ``compiled``: the decision measured under torch.compile, FlagGems'
     custom op against inductor's code for the native path (``fl-patch tune --compiled``), where it has one
-    (:mod:`fl_patch.tuning`)."""
+    (:mod:`fl_patch.device.tuning`)."""
 
     route: str
     min_elements: int = 0
@@ -226,7 +226,7 @@ def parse(data, path: str, source: str) -> Profile:
 
 
 def decision_from(entry: dict, where: str) -> Decision:
-    """A Decision from one decision's JSON-ready data (as :mod:`fl_patch.tuning` makes them); ProfileError naming
+    """A Decision from one decision's JSON-ready data (as :mod:`fl_patch.device.tuning` makes them); ProfileError naming
     `where` otherwise."""
     def fail(problem: str):
         raise ProfileError(problem)

@@ -1,6 +1,6 @@
 """The kernel rows that ``fl-patch check`` and ``fl-patch tune`` run: one :class:`Form` per routing key.
 
-A Form holds, for one key ``<family>.<form>`` of :data:`fl_patch.profiles.FAMILY_FORMS`, what both commands
+A Form holds, for one key ``<family>.<form>`` of :data:`fl_patch.device.profiles.FAMILY_FORMS`, what both commands
 need: its kernel module and function suffix (``gems<suffix>``, ``reference<suffix>``,
 ``unsupported<suffix>``, and ``native<suffix>`` where the form has one), its shape variants, the original it
 replaces (what check compares with) and the native path fl_patch runs instead of FlagGems (what tune times).
@@ -14,7 +14,7 @@ decode batch) or too slow to time; ``tune=False`` marks variants only check runs
 routes masked calls to the original, and FlagGems retunes its masked kernel for every key length).
 
 Also here: the device both commands run on (:func:`pick_device`). Both call the kernels directly, so the device
-profile's routing (fl_patch.routing, which sits in front of the kernels in patched places) plays no part.
+profile's routing (fl_patch.device.routing, which sits in front of the kernels in patched places) plays no part.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from fl_patch import devices
+from fl_patch.device import devices
 from fl_patch.kernels import attention, cross_entropy, layer_norm, linear, rms_norm, rope, swiglu
 
 EPS = 1e-6
@@ -532,7 +532,7 @@ def grid(variant: Variant, sizes: tuple[int, ...]) -> list[int]:
 
 def pick_device(name: str | None, cpu_allowed: bool) -> torch.device:
     """The device to run on: `name` if given (``cuda:1``), else the first accelerator torch reports available
-    among the device types of :data:`fl_patch.devices.VENDORS` (their installed torch extension imported
+    among the device types of :data:`fl_patch.device.devices.VENDORS` (their installed torch extension imported
     first: ``torch_npu`` adds ``torch.npu``), else the CPU where `cpu_allowed`. Raises ValueError saying what
     was looked for, or that the CPU can't run the FlagGems kernels, otherwise."""
     if name:

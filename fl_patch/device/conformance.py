@@ -1,6 +1,6 @@
 """``fl-patch check``: do fl_patch's kernels give the originals' numbers on this device, and does revert restore?
 
-What runs (``fl_patch.kernel_cases``): every form of every selected family (``--families``), each shape
+What runs (``fl_patch.device.kernel_cases``): every form of every selected family (``--families``), each shape
 variant at each size of the grid (launch-bound to large: 2**12 to 2**23 elements of the deciding tensor on
 a device, 2**8 to 2**14 on the CPU) in each dtype the provider takes (gems: bfloat16, float16; reference:
 float32, bfloat16). Linear runs at two sizes, and on a device in bfloat16 only: FlagGems' GEMM autotunes per
@@ -50,8 +50,9 @@ from pathlib import Path
 import torch
 
 import fl_patch
-from fl_patch import devices, kernel_cases, output_path
-from fl_patch.kernel_cases import Form, Inputs, Named, Variant
+from fl_patch import output_path
+from fl_patch.device import devices, kernel_cases
+from fl_patch.device.kernel_cases import Form, Inputs, Named, Variant
 from fl_patch.versions import stack_versions
 
 SCHEMA = 1
@@ -161,7 +162,7 @@ class Check:
             self.interrupted = True
         self.write()
         if self.provider == "gems" and self.device.type != "cpu" and not self.interrupted:
-            from fl_patch import verification
+            from fl_patch.device import verification
 
             certified = verification.certify(self.header["device"], self.cases)
             if certified is not None:

@@ -5,30 +5,31 @@ Who calibrates: a routing key (``rms_norm.hf``, ``rope.hf``, ...) whose device h
 ``fl-patch tune`` (cached or shipped), or whose calibrated profile has not yet seen calls of this size. Not with
 ``FL_PATCH_PROFILE`` set (the user chose the routing), ``FL_PATCH_CALIBRATE=0``, torch's deterministic
 algorithms on, while a CUDA graph is captured or torch.compile traces: then calls take the *prior*
-(:func:`fl_patch.routing.prior`), the path that can't lose.
+(:func:`fl_patch.device.routing.prior`), the path that can't lose.
 
 How: calls are grouped in cells by key, size bucket (the deciding tensor's element count, in powers of two)
 and regime (launch-bound: the device's stream idle when the call starts; device-bound: work still queued, as
-:mod:`fl_patch.routing` tells them apart). In a cell still being measured the router hands the call to the
+:mod:`fl_patch.device.routing` tells them apart). In a cell still being measured the router hands the call to the
 kernel's watch (:func:`fl_patch.replacements.kernel_pair`), which runs it on FlagGems or on the form's native
 path in turn (:data:`NATIVES`), both giving the same result within the form's tolerance (FlagGems' was verified
-first, :mod:`fl_patch.verification`). It times the call without synchronising the stream: host time by clock
+first, :mod:`fl_patch.device.verification`). It times the call without synchronising the stream: host time by clock
 around the call, device time by a pair of events read once they are done (a later call polls them). The first
 calls of each side are not timed (JIT compilation, caches). With :data:`SAMPLES` timings a side, the cell becomes
-a point (median times, their spread as the noise) and the key's decision is :func:`fl_patch.tuning.decide` over
+a point (median times, their spread as the noise) and the key's decision is :func:`fl_patch.device.tuning.decide` over
 its points of each regime, the rule ``fl-patch tune`` uses: FlagGems from the smallest size where it is faster
 beyond noise and stays within noise at every larger measured size, else native. A call's cost is its host time
 or its device time, whichever is longer, in the launch-bound regime, and its device time in the device-bound one.
 
 Calls whose size lies within the measured range then route by the decision's thresholds at the cost of any
-profile (:func:`fl_patch.routing.router`); a size outside it is measured when it comes. Only the keys of
+profile (:func:`fl_patch.device.routing.router`); a size outside it is measured when it comes. Only the keys of
 :func:`calibrated_keys` are calibrated; the others keep the prior until ``fl-patch tune`` measures them
 (:data:`NOT_CALIBRATED` says why for each).
 
 Persistence: each new point is merged into ``<cache>/calibrated/<device file>.json`` (a profile marked
 ``"calibrated"``, with every point and how many timed calls each side rests on) under an exclusive file lock,
 written to a temporary file and renamed into place, so concurrent processes and ranks neither corrupt nor lose
-each other's points. A profile from ``fl-patch tune`` wins over a calibrated one (:func:`fl_patch.profiles.find`).
+each other's points. A profile from ``fl-patch tune`` wins over a calibrated one
+(:func:`fl_patch.device.profiles.find`).
 """
 
 from __future__ import annotations
@@ -263,7 +264,7 @@ class KeyState:
 
     def decision(self) -> dict:
         """The key's decision from its points (module docstring), with ``measured``: range and timed calls."""
-        from fl_patch.tuning import decide
+        from fl_patch.device.tuning import decide
 
         launch = [p for (_, regime), p in self.points.items() if regime == LAUNCH_BOUND]
         bound = [p for (_, regime), p in self.points.items() if regime == DEVICE_BOUND]
@@ -299,7 +300,7 @@ _cal = _Calibration()
 
 
 def reset(timer: Timer | None = None) -> None:
-    """Forget what every key learned (fl_patch.routing.configure calls it on each apply). In place: each key's
+    """Forget what every key learned (fl_patch.device.routing.configure calls it on each apply). In place: each key's
     state is one object for the process's life (replacements hold it)."""
     with _cal.lock:
         for keyed in _cal.keys.values():
@@ -389,7 +390,7 @@ def profile_data(device: dict, versions: dict, keys: dict[str, dict]) -> dict:
     """A calibrated profile: per family the decisions of its calibrated forms (``forms``), each with its points
     under the top-level ``calibrated`` field. The family's own decision is native: a form not listed is still
     being measured, and routes by the prior, never by the family's line."""
-    from fl_patch import profiles
+    from fl_patch.device import profiles
 
     families: dict[str, dict] = {}
     calibrated: dict[str, dict] = {}

@@ -1,6 +1,6 @@
 """``fl-patch tune``: at which sizes FlagGems beats the native path on this device, written as a device profile.
 
-What is timed (``fl_patch.kernel_cases``): for every form of the selected families (``--families``), its
+What is timed (``fl_patch.device.kernel_cases``): for every form of the selected families (``--families``), its
 tuned variants at 2**12, 2**14, ..., 2**26 elements of the deciding tensor (the routing unit; capped per
 variant, linear at 4 sizes since FlagGems' GEMM autotunes per token count), in bfloat16: FlagGems' kernel
 (``gems<suffix>``, called directly, no routing) and the native path fl_patch runs instead (torch's fused
@@ -36,7 +36,7 @@ forms not listed, is the most conservative of its measured forms (native if one 
 The same rule over the device-bound times, from the *device-bound floor* on (the smallest size from which the
 native path's own device time outlasts its host time at every larger size: below it the work around a call is
 too short to keep the device's queue deep, :func:`device_bound_floor`), gives each form (and family) a
-``device_bound`` decision. The routing (:mod:`fl_patch.routing`) uses it for a call below the launch-bound
+``device_bound`` decision. The routing (:mod:`fl_patch.device.routing`) uses it for a call below the launch-bound
 threshold only while the device is still busy with earlier work (its queue not drained, so the host cost hides
 behind it); under torch.compile only the ``compiled`` decision counts (``--compiled``, below).
 
@@ -49,7 +49,7 @@ inductor less to fuse than a whole model does (the residual add, the casts aroun
 towards FlagGems, if anything. Each size compiles twice (seconds each): the default budget doubles.
 
 ``--budget-s``: no new form starts after it; the forms left are listed as not measured (a family with no
-measured form is absent: FlagGems everywhere, as without a profile). The profile (``fl_patch.profiles``
+measured form is absent: FlagGems everywhere, as without a profile). The profile (``fl_patch.device.profiles``
 format, with every measurement) is rewritten after each form: ``--out PATH``, by default the user's cache
 (``profiles.cache_dir()``, named by ``profiles.file_name``); ``--quick`` (the reference kernels on the CPU,
 seconds: it checks the harness) writes to a new temporary folder unless ``--out`` is given.
@@ -72,8 +72,9 @@ from pathlib import Path
 import torch
 
 import fl_patch
-from fl_patch import devices, kernel_cases, output_path, profiles
-from fl_patch.kernel_cases import Form, size_label
+from fl_patch import output_path
+from fl_patch.device import devices, kernel_cases, profiles
+from fl_patch.device.kernel_cases import Form, size_label
 from fl_patch.table import FAMILY_WIDTH
 from fl_patch.versions import stack_versions
 

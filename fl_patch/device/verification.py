@@ -1,6 +1,6 @@
 """First-use verification: before FlagGems' result for a routing key is trusted on a device and dtype, one of the
 program's own calls runs on both FlagGems and the native path and the two are compared with ``fl-patch check``'s
-tolerances (:func:`fl_patch.conformance.judged`: against an fp32 run of the native path, allowing the larger of
+tolerances (:func:`fl_patch.device.conformance.judged`: against an fp32 run of the native path, allowing the larger of
 a relative tolerance of the dtype and twice the native path's own error).
 
 - Pass: the key is trusted for that dtype; FlagGems' result is returned, and later calls of that dtype pay nothing.
@@ -99,7 +99,7 @@ def first_call(key: str, kernel: Callable, native_path: Callable, args: tuple, k
     native path's otherwise."""
     import torch
 
-    from fl_patch import conformance
+    from fl_patch.device import conformance
 
     state = checks(key)
     deciding = args[0]
@@ -208,7 +208,7 @@ def certify(device: dict, cases: list[dict]) -> Path | None:
     """``fl-patch check``'s verdicts of the FlagGems kernels on a device, per routing key and dtype, into that
     device's checks cache: a key and dtype whose every case passed is certified (first-use verification skips
     it), one with a failed case stays native there. Returns the file written, or None."""
-    from fl_patch import profiles
+    from fl_patch.device import profiles
 
     verdicts: dict[tuple[str, str], dict] = {}
     for case in cases:
@@ -229,7 +229,7 @@ def certify(device: dict, cases: list[dict]) -> Path | None:
 def _record(key: str, dtype_name: str, result: dict, path: Path | None = None, versions: dict | None = None) -> None:
     """Merge one verdict into the checks cache (atomically, under the calibration's file lock): this process's
     file unless `path` and `versions` are given. Never raises."""
-    from fl_patch import calibration
+    from fl_patch.device import calibration
 
     if path is None:
         with _ver.lock:
