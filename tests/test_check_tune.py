@@ -212,8 +212,11 @@ def interrupted(args, out, first_line):
     import signal
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FL_PATCH", "LIGHTX2V_FL_", "PYTHONPATH"))}
+    # A shell's background job starts with SIGINT ignored, and an ignored signal stays ignored in its children
+    # (Python then installs no KeyboardInterrupt handler): give the command the default, as a terminal would.
     process = subprocess.Popen([sys.executable, "-m", "fl_patch", *args, str(out)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=REPO, env={**env, "PYTHONPATH": str(REPO)})
+                               stderr=subprocess.PIPE, text=True, cwd=REPO, env={**env, "PYTHONPATH": str(REPO)},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in process.stdout:
         lines.append(line)
