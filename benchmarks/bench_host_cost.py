@@ -58,19 +58,6 @@ def hf_rms_norm_body(x, weight, eps):
     return weight * h.to(x.dtype)
 
 
-def with_ops(ops, fn):
-    """`fn` with ``gems.ops()`` giving `ops`: the FastOps, or FlagGems' module itself (fast launch off)."""
-    def call(*args):
-        saved = gems._ops
-        gems._ops = ops
-        try:
-            return fn(*args)
-        finally:
-            gems._ops = saved
-
-    return call
-
-
 def variants(module, fast, batch: int, device: str, dtype: torch.dtype) -> dict[str, dict[str, tuple]]:
     """Per op: variant name -> (function, args)."""
     def randn(*shape):
@@ -85,8 +72,8 @@ def variants(module, fast, batch: int, device: str, dtype: torch.dtype) -> dict[
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)  # HF's (B, S, D): a position per batch row
     table = randn(4096, head_dim // 2), randn(4096, head_dim // 2)  # FlagGems' half-width table
-    without = with_ops(module, lambda f, *a: f(*a))
-    faster = with_ops(fast, lambda f, *a: f(*a))
+    without = gems.calling_through(module, lambda f, *a: f(*a))
+    faster = gems.calling_through(fast, lambda f, *a: f(*a))
     return {
         "rms_norm": {
             "torch.rms_norm": (torch.rms_norm, (x, (hidden,), w, 1e-6)),

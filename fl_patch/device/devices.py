@@ -159,6 +159,19 @@ def device_module(torch_module, vendor: str | None = None):
     return getattr(torch_module, kind, None)
 
 
+def capturing(device) -> bool:
+    """Whether `device`'s current stream is capturing a graph (CUDA graphs, or a vendor's through the same
+    ``torch.<type>.is_current_stream_capturing``); a module that can't answer counts as capturing, so that nothing
+    which reads the device (a timing, a comparison) runs into a capture."""
+    query = getattr(getattr(sys.modules["torch"], device.type, None), "is_current_stream_capturing", None)
+    if query is None:
+        return False  # no such query: this device type captures no graphs
+    try:
+        return bool(query())
+    except Exception:  # a vendor module that can't answer
+        return True
+
+
 def _current_index(torch, kind: str) -> int:
     index = _call(getattr(torch, kind, None), "current_device")
     return index if isinstance(index, int) else 0

@@ -53,7 +53,7 @@ import sys
 import threading
 from collections.abc import Callable
 
-from fl_patch.device import calibration, profiles, verification
+from fl_patch.device import calibration, devices, profiles, verification
 from fl_patch.kernels.gems import NOT_MEASURED, NOT_VERIFIED, PROFILE_NATIVE, SMALL_INPUT
 
 log = logging.getLogger("fl_patch")
@@ -76,7 +76,7 @@ class _Routing:
         self.tables: dict[bool, dict[str, Entry]] = {False: {}, True: {}}  # lifted -> key -> entry
         self.probes: dict[str, Callable] = {}  # device type -> busy(device)
         self.said: set[str] = set()  # problems already logged (a broken FL_PATCH_PROFILE file, at configure)
-        self.calibrate = True  # whether keys without a measured decision are calibrated (see may_calibrate)
+        self.calibrate = True  # whether keys without a measured decision are calibrated (see _measuring)
 
 
 _routing = _Routing()
@@ -110,6 +110,8 @@ def configure(settings, registry) -> list[str]:
     say; in strict mode ProfileError is raised instead.
     """
     include = set(settings.include)
+    calibration.reset()
+    verification.reset()
     with _routing.lock:
         _routing.setting, _routing.strict, _routing.kernels = settings.profile, settings.strict, settings.kernels
         _routing.lifted_families = frozenset(
@@ -118,9 +120,6 @@ def configure(settings, registry) -> list[str]:
         _routing.lookup, _routing.device = None, None
         _routing.said.clear()
         _routing.calibrate = settings.calibrate and settings.profile is None and settings.kernels == "gems"
-    calibration.reset()
-    verification.reset()
-    with _routing.lock:
         for table in _routing.tables.values():
             table.clear()  # in place: routers hold these dicts
     if _compiles_watched:
@@ -182,7 +181,7 @@ def _measuring(key: str, tensor) -> bool:
     """Whether this call of `key`, outside its measured range, is handed to calibration (module docstring);
     False where calibration must not run now: then it routes by the prior."""
     device = tensor.device
-    if not _routing.calibrate or _grad_mode() or _deterministic() or _capturing(device):
+    if not _routing.calibrate or _grad_mode() or _deterministic() or devices.capturing(device):
         return False
     regime = calibration.DEVICE_BOUND if _busy(device) else calibration.LAUNCH_BOUND
     calibration.ask(key, tensor.numel(), regime)
@@ -194,14 +193,6 @@ def _grad_mode() -> bool:
     gradient checkpointing runs the forward again in the backward and requires the same ops to save the same
     tensors, so neither the device's business (:func:`_busy`) nor calibration's turn may choose it."""
     return sys.modules["torch"].is_grad_enabled()
-
-
-def _capturing(device) -> bool:
-    capturing = getattr(getattr(sys.modules["torch"], device.type, None), "is_current_stream_capturing", None)
-    try:
-        return bool(capturing()) if capturing is not None else False
-    except Exception:  # a vendor module that can't answer: take it as capturing (nothing is measured)
-        return True
 
 
 def _decide(key: str, lifted: bool, device) -> Entry:
@@ -375,8 +366,6 @@ def resolve(device) -> profiles.Lookup:
     with _routing.lock:
         if _routing.lookup is not None:
             return _routing.lookup
-    from fl_patch.device import devices
-
     info = devices.identify(device)
     lookup = profiles.find(info, _routing.setting)
     with _routing.lock:

@@ -99,15 +99,14 @@ def first_call(key: str, kernel: Callable, native_path: Callable, args: tuple, k
     native path's otherwise."""
     import torch
 
-    from fl_patch.device import conformance
+    from fl_patch.device import conformance, devices
 
     state = checks(key)
     deciding = args[0]
     dtype = deciding.dtype
     if state.failed is not None:
         return native_path(*args, **kwargs)
-    capturing = getattr(getattr(torch, deciding.device.type, None), "is_current_stream_capturing", None)
-    if capturing is not None and capturing():
+    if devices.capturing(deciding.device):
         return native_path(*args, **kwargs)
     if dtype not in conformance.RTOL:
         state.verified.add(dtype)  # no tolerance for this dtype: the gems paths don't take it (their own check)

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 from types import ModuleType
 
 from fl_patch.versions import installed_version
@@ -186,6 +187,22 @@ def _make_ops():
             else:
                 _ops = module
         return _ops
+
+
+def calling_through(ops, fn: Callable) -> Callable:
+    """`fn` with :func:`ops` giving `ops` while it runs (FlagGems' module, or a FastOps over it): how the fast launch
+    path's GPU suite and host-cost benchmark run both sides in one process without switching the setting (a switch
+    rebuilds ``ops()``, dropping the signatures bound so far)."""
+    def call(*args):
+        global _ops
+        saved = _ops
+        _ops = ops
+        try:
+            return fn(*args)
+        finally:
+            _ops = saved
+
+    return call
 
 
 def configure_fast_launch(enabled: bool | None) -> None:

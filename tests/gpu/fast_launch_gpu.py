@@ -98,20 +98,6 @@ class Env:
     def randn(self, *shape, dtype):
         return self.torch.randn(*shape, device=self.device).to(dtype)
 
-    def with_ops(self, ops, fn):
-        """`fn` with ``gems.ops()`` giving `ops` (the FastOps, or FlagGems' module itself)."""
-        gems = self.gems
-
-        def call(*args):
-            saved = gems._ops
-            gems._ops = ops
-            try:
-                return fn(*args)
-            finally:
-                gems._ops = saved
-
-        return call
-
 
 # ----------------------------------------------------------------------------------------------------- cases
 
@@ -207,8 +193,8 @@ def fl_patch_cases(env: Env) -> list[Case]:
     cases = []
 
     def add(op, form, dtype, shape, fn, make):
-        cases.append(Case("fl_patch", op, form, dtype, shape, make, env.with_ops(env.fast, fn),
-                          env.with_ops(env.module, fn), True))
+        cases.append(Case("fl_patch", op, form, dtype, shape, make, env.gems.calling_through(env.fast, fn),
+                          env.gems.calling_through(env.module, fn), True))
 
     for name, dt in env.dtypes.items():
         if dt == torch.float32:
