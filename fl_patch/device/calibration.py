@@ -89,12 +89,16 @@ def _natives() -> dict[str, Callable]:
 _natives_cache: dict[str, Callable] | None = None
 
 
-def native(key: str) -> Callable | None:
-    """The native path of routing key `key` with its kernel's signature, or None: not calibrated."""
+def _native_table() -> dict[str, Callable]:
     global _natives_cache
     if _natives_cache is None:
         _natives_cache = _natives()
-    return _natives_cache.get(key)
+    return _natives_cache
+
+
+def native(key: str) -> Callable | None:
+    """The native path of routing key `key` with its kernel's signature, or None where there is none."""
+    return _native_table().get(key)
 
 
 # Routing keys calibration leaves to the prior, and why: measuring them on live calls would cost the program more
@@ -111,9 +115,9 @@ NOT_CALIBRATED = {
 
 
 def calibrated_keys() -> tuple[str, ...]:
-    """The routing keys calibration measures (the others keep the prior: :data:`NOT_CALIBRATED`)."""
-    return ("rms_norm.hf", "rms_norm.gemma", "rms_norm.fp32", "rms_norm.gated", "rms_norm.torch", "rope.hf",
-            "rope.interleaved", "swiglu.swiglu", "layer_norm.layer_norm")
+    """The routing keys calibration measures: those with a native path, less :data:`NOT_CALIBRATED` (the others
+    keep the prior)."""
+    return tuple(key for key in _native_table() if key not in NOT_CALIBRATED)
 
 
 def bucket_of(elements: int) -> int:
@@ -370,10 +374,10 @@ def collect(keyed: KeyState) -> None:
     """Read the samples whose events are done; make each complete cell a point, and a new decision of it."""
     with _cal.lock:
         keyed.pending = [entry for entry in keyed.pending if not entry[2].ready()]
-        finished = [cell for cell in keyed.cells.values() if cell.point() is not None]
-        for cell in finished:
-            keyed.points[(cell.bucket, cell.regime)] = cell.point()
-            del keyed.cells[(cell.bucket, cell.regime)]
+        finished = {where: point for where, cell in keyed.cells.items() if (point := cell.point()) is not None}
+        for where, point in finished.items():
+            keyed.points[where] = point
+            del keyed.cells[where]
         decision = keyed.decision() if finished else None
         callback = _cal.on_decision
     if decision is None:
