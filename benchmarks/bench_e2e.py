@@ -112,6 +112,13 @@ def variants(kernels: str, quick: bool, model):
             ("fl_patch_all", lambda: fl_patch.patched(kernels=kernels, include=everything))]
     if TUNED_PROFILE:
         rows.append(("fl_patch_tuned", lambda: fl_patch.patched(kernels=kernels, profile=TUNED_PROFILE)))
+    # The same with FlagGems' hot functions launched directly (fl_patch.kernels.fast_launch): off = every call a
+    # kernel takes runs FlagGems, so fl_patch_off against fl_patch_off_fast is the host cost the fast path saves.
+    rows += [("fl_patch_fast", lambda: fl_patch.patched(kernels=kernels, fast_launch=True)),
+             ("fl_patch_off_fast", lambda: fl_patch.patched(kernels=kernels, profile="off", fast_launch=True))]
+    if TUNED_PROFILE:
+        rows.append(("fl_patch_tuned_fast",
+                     lambda: fl_patch.patched(kernels=kernels, profile=TUNED_PROFILE, fast_launch=True)))
     rows += [(f"fl_patch_all-{family}",
               (lambda f=family: fl_patch.patched(kernels=kernels, include=[x for x in everything if x != f])))
              for family in FAMILIES]
