@@ -10,7 +10,13 @@
 #                                                # bench_e2e on Llama (tuned / hand table / off / HF)
 #   bash tests/gpu/device_proof.sh qwen3 OUT     # bench_e2e on Qwen3 with the profile tune left in the cache
 #   bash tests/gpu/device_proof.sh e2e OUT       # bench_e2e on both models with the shipped profile
+#   bash tests/gpu/device_proof.sh pending OUT   # the proofs not yet run (docs/gpu-testing.md), most needed first:
+#                                                # fast launch bitwise, checkpointing, untuned first and second
+#                                                # process on Llama, the host-cost table
+#   bash tests/gpu/device_proof.sh fast OUT      # fl-patch tune with the fast launch path (rms_norm, rope, swiglu),
+#                                                # then bench_e2e on both models with and without it
 # Needs the wheels of ../shared/gpu/wheels.sh in .whl (and, for `rest`, tests/gpu/export_lightx2v.sh's .lightx2v).
+# A part writes a dozen files or more: where only a few files come back from the machine, tar OUT at the end.
 set -u
 part=$1
 out=$2
@@ -65,11 +71,27 @@ case "$part" in
     e2e llama 240
     e2e qwen3 240
     ;;
+  pending)
+    step fast_launch 100 python3 tests/gpu/fast_launch_gpu.py "$out/fast_launch.json" --budget 75
+    step train_checkpointing 90 python3 tests/gpu/train_gpu.py --out-dir "$out" --models '' \
+      --checkpointing-models llama,gemma3 --budget-s 70
+    BENCH_SECONDS=0.25 BENCH_MODELS=llama step untuned 150 bash benchmarks/untuned_device.sh "$out/untuned" first,second
+    cp "$out"/untuned/*.json "$out"/untuned/cache/fl_patch/profiles/calibrated/*.json "$out/" 2>/dev/null
+    step host_cost 45 python3 benchmarks/bench_host_cost.py --out "$out" --repeats 3
+    ;;
+  fast)
+    FL_PATCH_FAST_LAUNCH=1 step tune_fast 150 python3 -m fl_patch tune --out "$out/tuned_fast.json" \
+      --families rms_norm,rope,swiglu --budget-s 100
+    timeout 300 python3 benchmarks/bench_e2e.py --models llama,qwen3 --parts prefill,decode --rounds 2 --seconds 0.25 \
+      --variants hf_sdpa,fl_patch,fl_patch_off,fl_patch_off_fast,fl_patch_tuned,fl_patch_tuned_fast \
+      --tuned-profile "$out/tuned_fast.json" --out "$out" --name e2e_fast > "$out/e2e_fast.log" 2>&1
+    echo "e2e_fast rc=$?"
+    ;;
   check)
     step check 300 python3 -m fl_patch check --json "$out/check.json"
     ;;
   *)
-    echo "device_proof.sh: part $part? accepted: profile, rest, check, tune, qwen3, e2e" >&2
+    echo "device_proof.sh: part $part? accepted: profile, rest, check, tune, qwen3, e2e, pending, fast" >&2
     exit 2
     ;;
 esac
