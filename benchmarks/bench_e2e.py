@@ -9,9 +9,9 @@ logit difference from HF default:
     ``fl-patch status`` names), fl_patch_hand (routed by the hand table that came before profiles,
     benchmarks/hand_table_profile.json), fl_patch_off (FL_PATCH_PROFILE=off: no routing, every call a kernel
     takes runs FlagGems), fl_patch_fast / fl_patch_off_fast / fl_patch_tuned_fast (the same with the fast launch
-    path, docs/fast-launch.md), fl_patch_all (every family on FlagGems), fl_patch_all-<family> (each family left out in turn),
-    fl_patch+global (FlagGems aten override too), compile_hf, compile_fl_patch (torch.compile, default mode;
-    fl_patch's FlagGems calls are custom ops there), compile_hf_cudagraphs, compile_fl_patch_cudagraphs
+    path, docs/fast-launch.md), fl_patch_all (every family on FlagGems), fl_patch_all-<family> (each family left
+    out in turn), fl_patch+global (FlagGems aten override too), compile_hf, compile_fl_patch (torch.compile,
+    default mode; fl_patch's FlagGems calls are custom ops there), compile_hf_cudagraphs, compile_fl_patch_cudagraphs
     (mode="reduce-overhead"), compile_fl_patch_no_packing (default mode plus the opt-in row
     transformers.attention.compiled_no_packing: prefill without a cache gets is_causal), liger (last: it can't revert)
 
