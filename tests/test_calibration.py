@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import fl_patch
 from fl_patch.device import calibration, devices, profiles, routing, verification
 from fl_patch.kernels import gems
+from test_routing import pose_as
 
 DEVICE = devices.DeviceInfo(vendor="nvidia", type="cuda", name="NVIDIA H100 80GB HBM3", index=0, capability="9.0")
 KEY = "rms_norm.torch"  # F.rms_norm's row: its native path is torch.rms_norm
@@ -34,11 +35,8 @@ class Clock:
 
 @pytest.fixture
 def device(monkeypatch, tmp_path, fake_gems):
-    monkeypatch.setattr(gems, "device_reason", lambda tensor: None)
-    monkeypatch.setattr(devices, "identify", lambda device: DEVICE)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(profiles, "SHIPPED_DIR", tmp_path / "shipped")
-    return tmp_path
+    """CPU tensors as tensors of DEVICE (an H100); the user cache and the shipped profiles in tmp_path."""
+    return pose_as(DEVICE, monkeypatch, tmp_path)
 
 
 @pytest.fixture

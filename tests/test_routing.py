@@ -42,14 +42,19 @@ def write(path, data):
     return path
 
 
-@pytest.fixture
-def stand_in_device(monkeypatch, tmp_path, fake_gems):
-    """CPU tensors as tensors of DEVICE; the user cache and the shipped profiles in tmp_path."""
+def pose_as(device_info, monkeypatch, tmp_path):
+    """CPU tensors as tensors of `device_info`; the user cache and the shipped profiles in tmp_path."""
     monkeypatch.setattr(gems, "device_reason", lambda tensor: None)
-    monkeypatch.setattr(devices, "identify", lambda device: DEVICE)
+    monkeypatch.setattr(devices, "identify", lambda device: device_info)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setattr(profiles, "SHIPPED_DIR", tmp_path / "shipped")
     return tmp_path
+
+
+@pytest.fixture
+def stand_in_device(monkeypatch, tmp_path, fake_gems):
+    """CPU tensors as tensors of DEVICE (an Ascend 910B); the user cache and the shipped profiles in tmp_path."""
+    return pose_as(DEVICE, monkeypatch, tmp_path)
 
 
 def cache(tmp_path):
