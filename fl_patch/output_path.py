@@ -1,9 +1,11 @@
-"""The files ``fl-patch check --json`` and ``fl-patch tune --out`` write: checked before anything is measured (a
-path that can't be written fails at once, in one line, instead of after minutes of measuring), and replaced whole
-each time they are rewritten."""
+"""The files fl_patch writes: ``fl-patch check --json`` and ``fl-patch tune --out`` checked before anything is
+measured (a path that can't be written fails at once, in one line, instead of after minutes of measuring); those and
+the caches (calibrated profiles, first-use checks) replaced whole each time they are rewritten, the caches' merges
+under an exclusive lock."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -45,10 +47,35 @@ def _problem(path: Path) -> str | None:
 
 
 def write_json(data: dict, path: Path) -> None:
-    """Write `data` as indented JSON to `path` (its folders made), all at once: the file is replaced by a complete
-    one, so a run stopped while writing (Ctrl-C) leaves the previous version, never half of one."""
+    """Write `data` as indented JSON to `path` (its folders made), all at once: a complete file written beside it
+    under a name of its own is renamed into place, so a run stopped while writing (Ctrl-C) leaves the previous
+    version, never half of one, and concurrent writers never write into each other's temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(json.dumps(data, indent=1, default=str) + "\n")
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive advisory lock on ``<path>.lock``, for a read-merge-write of `path` (fcntl where it exists;
+    elsewhere writers rely on :func:`write_json`'s atomic rename alone)."""
+    path = Path(path)
+    with open(path.with_suffix(path.suffix + ".lock"), "a+") as handle:
+        try:
+            import fcntl
+        except ImportError:
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -37,9 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import statistics
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -280,7 +278,7 @@ class KeyState:
         decided["why"] = "calibrated on this program's calls: " + decided["why"]
         decided["measured"] = {
             "min_elements": low, "max_elements": high,
-            "timed_calls": sum(sum(p["samples"].values()) for p in self.points.values())}
+            "timed_calls": sum(_weight(p) for p in self.points.values())}
         return decided
 
 
@@ -449,8 +447,10 @@ def save() -> Path | None:
 def merge(path: Path, device: dict, versions: dict, mine: dict[str, list[dict]]) -> dict:
     """Under an exclusive lock on ``<path>.lock``: read `path`'s points, add `mine` (of a (bucket, regime) both
     have, the point resting on more timed calls wins), recompute each key's decision, write atomically."""
+    from fl_patch import output_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with locked(path.with_suffix(path.suffix + ".lock")):
+    with output_path.locked(path):
         theirs = {}
         with contextlib.suppress(OSError, ValueError):
             theirs = points_of(json.loads(path.read_text(encoding="utf-8")))
@@ -464,40 +464,12 @@ def merge(path: Path, device: dict, versions: dict, mine: dict[str, list[dict]])
             keys[key] = {"decision": merged.decision(), "points": sorted(merged.points.values(),
                                                                       key=lambda p: (p["regime"], p["bucket"]))}
         data = profile_data(device, versions, keys)
-        write_atomically(path, json.dumps(data, indent=1) + "\n")
+        output_path.write_json(data, path)
     return data
 
 
 def _weight(point: dict) -> int:
     return sum(point["samples"].values())
-
-
-@contextlib.contextmanager
-def locked(lock_path: Path):
-    """An exclusive advisory lock (fcntl where it exists; elsewhere writers rely on the atomic rename alone)."""
-    with open(lock_path, "a+") as handle:
-        try:
-            import fcntl
-        except ImportError:
-            yield
-            return
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def write_atomically(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
 
 
 # ------------------------------------------------------------------------------------------------ status

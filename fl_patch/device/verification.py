@@ -226,9 +226,9 @@ def certify(device: dict, cases: list[dict]) -> Path | None:
 
 
 def _record(key: str, dtype_name: str, result: dict, path: Path | None = None, versions: dict | None = None) -> None:
-    """Merge one verdict into the checks cache (atomically, under the calibration's file lock): this process's
+    """Merge one verdict into the checks cache (atomically, under its file lock): this process's
     file unless `path` and `versions` are given. Never raises."""
-    from fl_patch.device import calibration
+    from fl_patch import output_path
 
     if path is None:
         with _ver.lock:
@@ -239,14 +239,14 @@ def _record(key: str, dtype_name: str, result: dict, path: Path | None = None, v
             if k in ("verdict", "max_error", "tolerance", "original_error", "shape", "by")}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with calibration.locked(path.with_suffix(path.suffix + ".lock")):
+        with output_path.locked(path):
             data = {}
             with contextlib.suppress(OSError, ValueError):
                 data = json.loads(path.read_text(encoding="utf-8"))
             if not isinstance(data, dict) or not _same_releases(data.get("versions"), versions):
                 data = {"kind": "fl_patch.checks", "versions": versions, "checks": {}}
             data.setdefault("checks", {}).setdefault(key, {})[dtype_name] = kept
-            calibration.write_atomically(path, json.dumps(data, indent=1) + "\n")
+            output_path.write_json(data, path)
     except OSError as exc:
         log.warning("fl_patch: can't write the checks cache %s (%s)", path, exc.strerror or exc)
         with _ver.lock:
