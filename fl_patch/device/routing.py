@@ -231,19 +231,21 @@ def _from_decision(decision: profiles.Decision, lifted: bool, measured: tuple[in
         threshold, reason = NATIVE, PROFILE_NATIVE
     else:
         threshold, reason = decision.min_elements, SMALL_INPUT
-    bound = decision.device_bound
-    busy_threshold = bound.min_elements if bound is not None and bound.route == "gems" else NATIVE
-    return entry(threshold, reason, busy_threshold, compiled, measured)
+    return entry(threshold, reason, _busy_threshold(decision), compiled, measured)
+
+
+def _busy_threshold(decision: profiles.Decision | None) -> int:
+    """The element count from which a call goes to FlagGems while the device is busy: `decision`'s device-bound
+    threshold where it routes there, else never (NATIVE)."""
+    bound = decision.device_bound if decision is not None else None
+    return bound.min_elements if bound is not None and bound.route == "gems" else NATIVE
 
 
 def prior(borrowed: profiles.Profile | None, key: str, measured: tuple[int, int] = EVERY_SIZE) -> Entry:
     """What a key nobody measured on this device gets: native in the launch-bound regime and under compile;
     FlagGems while the device is busy only from the device-bound threshold of a `borrowed` profile (same vendor,
     type and architecture: where FlagGems' device time is known to win)."""
-    busy_threshold = NATIVE
-    bound = borrowed.decision(key).device_bound if borrowed is not None else None
-    if bound is not None and bound.route == "gems":
-        busy_threshold = bound.min_elements
+    busy_threshold = _busy_threshold(borrowed.decision(key) if borrowed is not None else None)
     return entry(NATIVE, NOT_MEASURED, busy_threshold, (NATIVE, NOT_MEASURED), measured)
 
 
