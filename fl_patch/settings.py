@@ -228,6 +228,20 @@ def load_lenient(env: Mapping[str, str] | None = None) -> tuple[Settings, list[s
     return settings, problems
 
 
+def from_environment(key: str, env: Mapping[str, str] | None = None) -> tuple[object, str | None]:
+    """One setting read from the environment alone, as :func:`load_lenient` reads it: its value (the default where
+    unset), and the message when the value set was bad and its option's safe value was taken instead (else None).
+    For code that needs one setting before or without an apply."""
+    option = BY_KEY[key]
+    found = _env_value(os.environ if env is None else env, option.variable)
+    if found is None or found[1].strip() == "":
+        return getattr(Settings(), key), None
+    try:
+        return _parse(option, found[0], found[1]), None
+    except SettingsError as exc:
+        return option.if_bad, f"{exc}; ignored: {option.if_bad_words}"
+
+
 def load_at_startup(env: Mapping[str, str] | None = None) -> tuple[Settings, list[str]]:
     """Settings from the environment for automatic activation: :func:`load_lenient`, except that with
     FL_PATCH_STRICT=1 a bad value raises SettingsError."""

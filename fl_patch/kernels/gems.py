@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import os
 import sys
 import threading
 from collections.abc import Callable
@@ -224,13 +223,11 @@ def fast_launch_enabled() -> bool:
         return _fast_launch
     from fl_patch import settings
 
-    try:
-        return settings.parse_bool(FAST_LAUNCH_VARIABLE, os.environ.get(FAST_LAUNCH_VARIABLE, "0") or "0")
-    except settings.SettingsError as exc:
-        if FAST_LAUNCH_VARIABLE not in _said:
-            _said.add(FAST_LAUNCH_VARIABLE)
-            logging.getLogger("fl_patch").warning("fl_patch: %s; ignored: the fast launch path stays off", exc)
-        return False
+    enabled, problem = settings.from_environment("fast_launch")
+    if problem is not None and FAST_LAUNCH_VARIABLE not in _said:
+        _said.add(FAST_LAUNCH_VARIABLE)
+        logging.getLogger("fl_patch").warning("fl_patch: %s", problem)
+    return enabled
 
 
 _said: set = set()
