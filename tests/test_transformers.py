@@ -580,10 +580,8 @@ def test_classification_is_cached_per_code_object():
 
     integration.classify("rms_norm", modeling_llama.LlamaRMSNorm.forward, modeling_llama.LlamaRMSNorm)
     hits = integration._code_source.cache_info().hits
-    started = time.perf_counter()
     form = integration.classify("rms_norm", modeling_llama.LlamaRMSNorm.forward, modeling_llama.LlamaRMSNorm)
-    assert time.perf_counter() - started < 0.005
-    assert integration._code_source.cache_info().hits > hits
+    assert integration._code_source.cache_info().hits > hits  # the second classification read no source
     assert (form.variant, form.eps) == ("hf", "variance_epsilon")
 
 
