@@ -936,16 +936,7 @@ def test_unsupported_layer_norm_gems_on_cpu():
 def test_checks_do_no_tensor_work():
     """Per-call checks read metadata only (shape, dtype, device, strides): not one aten op runs, so a check costs
     Python time alone, whatever the tensor's size or device (no sync, no allocation, no .item())."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class RecordOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
+    from fl_patch.global_check import OpRecorder  # the aten-op counter of `fl-patch check --global`
 
     q, k, v = qkv(2, 4, 2, 6, 6, 64, torch.bfloat16)
     cos, sin = hf_cos_sin(torch.arange(6)[None], 64, torch.bfloat16)
@@ -957,12 +948,12 @@ def test_checks_do_no_tensor_work():
         "linear": lambda: linear.unsupported("reference", x, linear_weight, None),
     }
     for name, check in checks.items():
-        with RecordOps() as recorded:
+        with OpRecorder() as recorded:
             check()
-        assert recorded.ops == [], f"{name}'s check ran {recorded.ops}"
-    with RecordOps() as recorded:  # the recorder itself sees ops, so the assertion above can fail
+        assert not recorded.calls, f"{name}'s check ran {dict(recorded.calls)}"
+    with OpRecorder() as recorded:  # the recorder itself sees ops, so the assertion above can fail
         x.sum()
-    assert recorded.ops
+    assert recorded.calls["sum"] == 1
 
 
 def test_tolerance_helper_scales_atol_by_the_reduced_size():
