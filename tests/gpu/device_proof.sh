@@ -15,6 +15,8 @@
 #                                                # process on Llama, the host-cost table
 #   bash tests/gpu/device_proof.sh next OUT      # what the first pending run left: Gemma3 checkpointing, and
 #                                                # a first process's calibration against `fl-patch tune`'s profile
+#   bash tests/gpu/device_proof.sh trace OUT      # Gemma3 checkpointing, then where an untuned first process's
+#                                                # decode step spends its host time (benchmarks/decode_trace.py)
 #   bash tests/gpu/device_proof.sh fast OUT      # fl-patch tune with the fast launch path (rms_norm, rope, swiglu),
 #                                                # then bench_e2e on both models with and without it
 # Needs the wheels of ../shared/gpu/wheels.sh in .whl (and, for `rest`, tests/gpu/export_lightx2v.sh's .lightx2v).
@@ -87,6 +89,11 @@ case "$part" in
     BENCH_SECONDS=0.25 BENCH_MODELS=llama step untuned_tuned 260 bash benchmarks/untuned_device.sh "$out/untuned" \
       first,tuned
     ;;
+  trace)
+    step train_checkpointing_gemma3 130 python3 tests/gpu/train_gpu.py --out-dir "$out" --models '' \
+      --checkpointing-models gemma3 --budget-s 110
+    step decode_trace 200 bash benchmarks/untuned_device.sh "$out/untuned" trace
+    ;;
   fast)
     FL_PATCH_FAST_LAUNCH=1 step tune_fast 150 python3 -m fl_patch tune --out "$out/tuned_fast.json" \
       --families rms_norm,rope,swiglu --budget-s 100
@@ -99,7 +106,7 @@ case "$part" in
     step check 300 python3 -m fl_patch check --json "$out/check.json"
     ;;
   *)
-    echo "device_proof.sh: part $part? accepted: profile, rest, check, tune, qwen3, e2e, pending, next, fast" >&2
+    echo "device_proof.sh: part $part? accepted: profile, rest, check, tune, qwen3, e2e, pending, next, trace, fast" >&2
     exit 2
     ;;
 esac
