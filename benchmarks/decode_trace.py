@@ -17,10 +17,13 @@ Writes <name>.json (every step's ms, the windows, the calibration state at check
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
+import gc
 import json
 import pstats
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -39,15 +42,42 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_steps(step, count: int, device: str, times: list | None = None, on_step=None) -> list[float]:
-    """Wall ms of `count` steps, each from a drained device to a drained device, appended to `times`."""
+class GcWatch:
+    """Seconds the garbage collector ran, and its collections per generation, while installed."""
+
+    def __init__(self) -> None:
+        self.seconds, self.collections, self._began = 0.0, [0, 0, 0], 0.0
+
+    def __call__(self, phase, info) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._began
+            self.collections[info["generation"]] += 1
+
+
+GC = GcWatch()
+gc.callbacks.append(GC)
+# per timed step: [wall ms, host ms until the step returned (before the drain), gc ms, full collections]
+DETAIL: dict[str, list] = {}
+
+
+def timed_steps(step, count: int, device: str, times: list | None = None, on_step=None,
+                label: str = "") -> list[float]:
+    """Wall ms of `count` steps, each from a drained device to a drained device, appended to `times` (and the
+    detail of each under DETAIL[label])."""
     times = [] if times is None else times
+    detail = DETAIL.setdefault(label, [])
     for number in range(1, count + 1):
         synchronize(device)
+        gc_before, full_before = GC.seconds, GC.collections[2]
         began = time.perf_counter()
         step()
+        returned = time.perf_counter()
         synchronize(device)
         times.append((time.perf_counter() - began) * 1000)
+        detail.append([round(times[-1], 3), round((returned - began) * 1000, 3),
+                       round((GC.seconds - gc_before) * 1000, 3), GC.collections[2] - full_before])
         if on_step is not None:
             on_step(number)
     return times
@@ -75,15 +105,32 @@ def per_step(stats: pstats.Stats, steps: int) -> dict[str, dict]:
     return out
 
 
-def windows(times: list[float], size: int = 10) -> list[tuple[str, float]]:
-    return [(f"{i + 1}-{min(i + size, len(times))}", statistics.median(times[i:i + size]))
-            for i in range(0, len(times), size)]
+def windows(detail: list[list], size: int = 10) -> list[tuple]:
+    """Per `size` steps: (span, median wall ms, median host ms to return, gc ms in all, full collections)."""
+    out = []
+    for i in range(0, len(detail), size):
+        rows = detail[i:i + size]
+        out.append((f"{i + 1}-{i + len(rows)}", statistics.median(r[0] for r in rows),
+                    statistics.median(r[1] for r in rows), sum(r[2] for r in rows), sum(r[3] for r in rows)))
+    return out
 
 
 def learning_state() -> dict:
     from fl_patch.device import routing
 
-    return {"summary": routing.summary_line(), "learning": routing.learning_lines()}
+    return {"summary": routing.summary_line(), "learning": routing.learning_lines(),
+            "threads": sorted(t.name for t in threading.enumerate()), "gc_counts": gc.get_count(),
+            "gc_objects": len(gc.get_objects())}
+
+
+def flag_gems_control(device: str) -> None:
+    """What the first FlagGems call does to a process without fl_patch: import flag_gems and run one RMSNorm
+    (its JIT compile included), as fl_patch's first-use verification does."""
+    import flag_gems
+
+    x = torch.randn(1, 2048, device=device, dtype=torch.bfloat16)
+    flag_gems.rms_norm(x, [2048], torch.ones(2048, device=device, dtype=torch.bfloat16), 1e-6)
+    synchronize(device)
 
 
 def routed_reasons() -> dict:
@@ -100,6 +147,11 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=30)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--name", default="decode_trace")
+    parser.add_argument("--early-profile", action="store_true",
+                        help="profile the 20 fl_patch steps after its first instead of steps after the trace")
+    parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() after fl_patch's first step")
+    parser.add_argument("--control", action="store_true",
+                        help="no fl_patch: HF steps traced after importing flag_gems and one FlagGems RMSNorm")
     args = parser.parse_args()
     device = "cpu" if args.quick else "cuda"
     kernels = "reference" if args.quick else "gems"
@@ -112,22 +164,34 @@ def main() -> None:
     step = decode_fn(model, batch=args.batch, cached=cached, vocab=config.vocab_size, device=device)
     print(f"{args.model} decode b{args.batch} over {cached} cached tokens, {device}; HF warm-up", flush=True)
     timed_steps(step, 20, device)
-    hf_before = timed_steps(step, 50, device)
+    hf_before = timed_steps(step, 50, device, label="hf_before")
     checkpoints = {}
 
     def snapshot(number: int) -> None:
+        if number == 1 and args.gc_freeze:
+            gc.freeze()
         if number in CHECKPOINTS:
             checkpoints[number] = {"ms_so_far": statistics.median(fl_times[-min(10, len(fl_times)):])
                                    if fl_times else None, **learning_state()}
             print(f"  fl_patch step {number}: {len(checkpoints[number]['learning'])} learning lines", flush=True)
 
     fl_times: list[float] = []
-    with fl_patch.patched(kernels=kernels):
-        timed_steps(step, steps, device, times=fl_times, on_step=snapshot)
-        fl_stats = profiled(step, profile_steps, device)
+    if args.control:  # the "fl_patch" steps are HF's, after FlagGems' first call
+        flag_gems_control(device)
+        context = contextlib.nullcontext
+    else:
+        context = lambda: fl_patch.patched(kernels=kernels)  # noqa: E731
+    with context():
+        if args.early_profile:
+            timed_steps(step, 1, device, times=fl_times, on_step=snapshot, label="fl_patch")
+            fl_stats = profiled(step, profile_steps, device)
+            timed_steps(step, steps, device, times=fl_times, on_step=snapshot, label="fl_patch")
+        else:
+            timed_steps(step, steps, device, times=fl_times, on_step=snapshot, label="fl_patch")
+            fl_stats = profiled(step, profile_steps, device)
         reasons = routed_reasons()
         final_state = learning_state()
-    hf_after = timed_steps(step, 50, device)
+    hf_after = timed_steps(step, 50, device, label="hf_after")
     hf_stats = profiled(step, profile_steps, device)
     hf_ms = statistics.median(hf_before + hf_after)
     fl_functions, hf_functions = per_step(fl_stats, profile_steps), per_step(hf_stats, profile_steps)
@@ -138,9 +202,11 @@ def main() -> None:
         if device == "cuda" else "cpu", "versions": {"torch": torch.__version__},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "hf_ms": {"median": hf_ms, "before": hf_before, "after": hf_after},
-        "fl_patch_ms": fl_times, "windows": windows(fl_times), "checkpoints": checkpoints,
+        "fl_patch_ms": fl_times, "windows": windows(DETAIL["fl_patch"]), "checkpoints": checkpoints,
         "final": final_state, "routed_natively": reasons,
-        "profile_steps": profile_steps,
+        "profile_steps": profile_steps, "options": {"early_profile": args.early_profile,
+                                                    "gc_freeze": args.gc_freeze, "control": args.control},
+        "detail": {"columns": ["wall ms", "host ms to return", "gc ms", "full collections"], **DETAIL},
         "step_total_us": {"fl_patch": fl_stats.total_tt * 1e6 / profile_steps,
                           "hf": hf_stats.total_tt * 1e6 / profile_steps},
         "added_functions": dict(top_added),
@@ -150,10 +216,14 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    traced = "HF after FlagGems' first call (--control)" if args.control else "fl_patch"
+    options = ", ".join(k for k, v in result["options"].items() if v) or "defaults"
     lines = [f"# {args.model} decode b{args.batch} over {cached} tokens, {result['device']}, {result['date']}", "",
-             f"HF median {hf_ms:.2f} ms a step (50 steps before fl_patch, 50 after)", "",
-             "| fl_patch steps | median ms | x vs HF |", "| --- | --- | --- |"]
-    lines += [f"| {span} | {ms:.2f} | {hf_ms / ms:.2f}x |" for span, ms in result["windows"]]
+             f"HF median {hf_ms:.2f} ms a step (50 steps before, 50 after); traced: {traced}; options: {options}",
+             "", f"| {traced} steps | median ms | x vs HF | host ms to return | gc ms | full gc |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {span} | {ms:.2f} | {hf_ms / ms:.2f}x | {host:.2f} | {gc_ms:.1f} | {full} |"
+              for span, ms, host, gc_ms, full in result["windows"]]
     lines += ["", f"cProfile, {profile_steps} steps: fl_patch {result['step_total_us']['fl_patch']:.0f} µs a step "
               f"of profiled host time, HF {result['step_total_us']['hf']:.0f}", "",
               "| function (fl_patch, flag_gems, triton) | calls a step | own µs a step | cumulative µs a step |",

@@ -2,19 +2,21 @@
 # What a chip nobody measured gets: bench_e2e in fresh processes with no profile anywhere (the shipped ones moved
 # aside, an empty user cache), so fl_patch starts from the prior and calibrates on the benchmark's own calls.
 #
-#   bash benchmarks/untuned_device.sh OUT_DIR [first|second|trace|tuned]   (GPU; default: first and second)
+#   bash benchmarks/untuned_device.sh OUT_DIR [first|second|trace|trace_slow|tuned]   (GPU; default: first and second)
 #
 # first:  a fresh process on an empty cache: it calibrates while it runs (its JSON says how many calls each key
 #         took, under "calibration").
 # second: a fresh process on the cache the first one left: it starts calibrated.
 # trace:  benchmarks/decode_trace.py on a fresh cache (decode b1: each step's time from the first, and where the
 #         host time goes), then at decode b16 in a process that starts from what the first one learned.
+# trace_slow: decode b1 first processes, each on its own fresh cache: the 20 steps after the first profiled; with
+#         gc.freeze() after the first step; and HF alone after FlagGems' first call (no fl_patch).
 # tuned:  `fl-patch tune` into OUT_DIR/tuned.json, then a process with both fl_patch (calibrated) and
 #         fl_patch_tuned (routed by that profile) in the same run.
 # The user cache is OUT_DIR/cache (XDG_CACHE_HOME), so a later call can carry it back. BENCH_SECONDS (default
 # 1.0): seconds each shape is timed per round; BENCH_MODELS (default llama,qwen3).
 set -euo pipefail
-out=${1:?usage: untuned_device.sh OUT_DIR [first|second|trace|tuned]}
+out=${1:?usage: untuned_device.sh OUT_DIR [first|second|trace|trace_slow|tuned]}
 steps=${2:-first,second}
 here=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out/cache"
@@ -33,9 +35,14 @@ for step in ${steps//,/ }; do
     trace)
       python "$here/benchmarks/decode_trace.py" --out "$out" --name decode_trace_b1
       python "$here/benchmarks/decode_trace.py" --out "$out" --name decode_trace_b16_second --batch 16 ;;
+    trace_slow)  # the first process's slow phase: profiled; with gc.freeze(); HF alone after FlagGems' first call
+      for run in "early --early-profile" "gc_freeze --gc-freeze" "control --control"; do
+        XDG_CACHE_HOME="$out/cache_${run%% *}" python "$here/benchmarks/decode_trace.py" --out "$out" \
+          --name "decode_trace_b1_${run%% *}" ${run#* }
+      done ;;
     tuned)
       python -m fl_patch tune --out "$out/tuned.json" 2>&1 | tail -n 25
       "${bench[@]}" --variants hf_sdpa,fl_patch,fl_patch_tuned,liger --tuned-profile "$out/tuned.json" --name untuned_tuned ;;
-    *) echo "unknown step $step; accepted: first, second, trace, tuned" >&2; exit 2 ;;
+    *) echo "unknown step $step; accepted: first, second, trace, trace_slow, tuned" >&2; exit 2 ;;
   esac
 done
