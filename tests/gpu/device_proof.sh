@@ -17,6 +17,7 @@
 #                                                # a first process's calibration against `fl-patch tune`'s profile
 #   bash tests/gpu/device_proof.sh trace OUT      # Gemma3 checkpointing, then where an untuned first process's
 #                                                # decode step spends its host time (benchmarks/decode_trace.py)
+#   bash tests/gpu/device_proof.sh trace_slow OUT # the first process's slow first seconds: profiled, gc, control
 #   bash tests/gpu/device_proof.sh fast OUT      # fl-patch tune with the fast launch path (rms_norm, rope, swiglu),
 #                                                # then bench_e2e on both models with and without it
 # Needs the wheels of ../shared/gpu/wheels.sh in .whl (and, for `rest`, tests/gpu/export_lightx2v.sh's .lightx2v).
@@ -94,6 +95,9 @@ case "$part" in
       --checkpointing-models gemma3 --budget-s 110
     step decode_trace 200 bash benchmarks/untuned_device.sh "$out/untuned" trace
     ;;
+  trace_slow)  # the untuned first process's slow phase, three ways (benchmarks/untuned_device.sh)
+    step decode_trace_slow 300 bash benchmarks/untuned_device.sh "$out/untuned" trace_slow
+    ;;
   fast)
     FL_PATCH_FAST_LAUNCH=1 step tune_fast 150 python3 -m fl_patch tune --out "$out/tuned_fast.json" \
       --families rms_norm,rope,swiglu --budget-s 100
@@ -106,7 +110,7 @@ case "$part" in
     step check 300 python3 -m fl_patch check --json "$out/check.json"
     ;;
   *)
-    echo "device_proof.sh: part $part? accepted: profile, rest, check, tune, qwen3, e2e, pending, next, trace, fast" >&2
+    echo "device_proof.sh: part $part? accepted: profile, rest, check, tune, qwen3, e2e, pending, next, trace, trace_slow, fast" >&2
     exit 2
     ;;
 esac
