@@ -31,6 +31,10 @@ Ratios are speed-ups over hf_sdpa in the same run (>1 = faster).
     python benchmarks/bench_e2e.py --quick --parts prefill,compile --variants compile_fl_patch  # + compiled
     python benchmarks/bench_e2e.py --models llama --parts prefill,train # a subset
     python benchmarks/bench_e2e.py --parts prefill,decode --rounds 3    # launch-bound shapes: interleave rounds
+
+With --rounds, each round times every shape with every variant back to back (``--interleave shape``), and "x vs
+HF" is the median of the rounds' ratios: on the lent H100 a decode step's host time drifts by 40-80% for seconds at
+a time (benchmarks/results/untuned-h100/decode_trace_*), so only pairs timed close together compare.
     python benchmarks/bench_e2e.py --parts prefill,decode --rounds 10 --seconds 0.3 --variants fl_patch
 
 Writes <name>.json and <name>.md to --out; `--combine A.json B.json` merges runs of subsets and draws
@@ -369,10 +373,22 @@ def run_model(name, args, device, dtype, kernels, save):
     for number in range(args.rounds):  # interleaved: drift in clocks or host load hits every variant alike
         if args.rounds > 1:
             print(f"  round {number + 1}/{args.rounds}", flush=True)
-        for variant, context in eager:
-            rounds[variant].append(measure_shapes(model, variant, context, timer, shapes, vocab, device, reference))
+        if args.interleave == "variant":  # each variant times every shape in turn
+            for variant, context in eager:
+                rounds[variant].append(measure_shapes(model, variant, context, timer, shapes, vocab, device,
+                                                      reference))
+                result["forward"][variant] = merge_rounds(rounds[variant])
+                save(result)
+            continue
+        this_round = {variant: {} for variant, _ in eager}  # each shape timed by every variant in turn
+        for key, builder in shapes.items():
+            for variant, context in eager:
+                this_round[variant].update(measure_shapes(model, variant, context, timer, {key: builder}, vocab,
+                                                          device, reference))
+        for variant, _ in eager:
+            rounds[variant].append(this_round[variant])
             result["forward"][variant] = merge_rounds(rounds[variant])
-            save(result)
+        save(result)
     if "compile" in args.parts:  # with --quick only the compiled variants --variants names (minutes on CPU)
         contexts = {"hf": contextlib.nullcontext, "fl_patch": lambda: fl_patch.patched(kernels=kernels),
                     "fl_patch_no_packing": lambda: fl_patch.patched(kernels=kernels, include=[NO_PACKING_ROW])}
@@ -418,8 +434,18 @@ def run_model(name, args, device, dtype, kernels, save):
     return result
 
 
+def speedup(base: dict, entry: dict) -> float:
+    """hf_sdpa's time over `entry`'s: the median of the rounds' ratios where both were timed in the same rounds
+    (each round's pair close in time: a host whose speed drifts for seconds moves both alike), else the ratio of
+    the medians."""
+    base_rounds, rounds = base.get("rounds_ms", []), entry.get("rounds_ms", [])
+    if rounds and len(base_rounds) == len(rounds):
+        return statistics.median(b / r for b, r in zip(base_rounds, rounds, strict=True))
+    return base.get("ms", float("nan")) / entry["ms"]
+
+
 def markdown(results: dict) -> str:
-    """One table per model: ms per shape, ratio to hf_sdpa, max logit diff."""
+    """One table per model: ms per shape, ratio to hf_sdpa (:func:`speedup`), max logit diff."""
     lines = []
     for name, result in results["models"].items():
         forward = result["forward"]
@@ -436,7 +462,7 @@ def markdown(results: dict) -> str:
                 if "ms" not in entry:
                     cells.append(entry.get("error", shapes.get("error", "-"))[:60] if isinstance(entry, dict) else "-")
                     continue
-                ratio = base.get(key, {}).get("ms", float("nan")) / entry["ms"]
+                ratio = speedup(base.get(key, {}), entry)
                 nan = "" if entry.get("finite", True) else ", **NaN**"
                 cells.append(f"{entry['ms']:.2f} ({ratio:.2f}x, {entry.get('max_diff', 0):.3g}{nan})")
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
@@ -503,6 +529,9 @@ def main() -> None:
                         help=f"comma list of training variants to run (default: all of {', '.join(TRAIN_VARIANTS)})")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the eager variants this many times, interleaved; report the median round")
+    parser.add_argument("--interleave", choices=("shape", "variant"), default="shape",
+                        help="shape (default): each shape is timed by every variant in turn, so a pair is "
+                             "seconds apart at most; variant: each variant times every shape in turn")
     parser.add_argument("--seconds", type=float, default=1.0,
                         help="time each shape for at least this long per round (default 1.0); many short rounds "
                              "pair the variants more tightly on a host whose speed drifts")

@@ -14,7 +14,7 @@
 # tuned:  `fl-patch tune` into OUT_DIR/tuned.json, then a process with both fl_patch (calibrated) and
 #         fl_patch_tuned (routed by that profile) in the same run.
 # The user cache is OUT_DIR/cache (XDG_CACHE_HOME), so a later call can carry it back. BENCH_SECONDS (default
-# 1.0): seconds each shape is timed per round; BENCH_MODELS (default llama,qwen3).
+# 1.0): seconds each shape is timed per round; BENCH_ROUNDS (default 2); BENCH_MODELS (default llama,qwen3).
 set -euo pipefail
 out=${1:?usage: untuned_device.sh OUT_DIR [first|second|trace|trace_slow|tuned]}
 steps=${2:-first,second}
@@ -26,7 +26,7 @@ if compgen -G "$here/fl_patch/profiles/*.json" > /dev/null; then
   mkdir -p "$aside" && mv "$here"/fl_patch/profiles/*.json "$aside"/
 fi
 trap 'mv "$aside"/*.json "$here/fl_patch/profiles/" 2>/dev/null; rmdir "$aside" 2>/dev/null || true' EXIT
-bench=(python "$here/benchmarks/bench_e2e.py" --models "${BENCH_MODELS:-llama,qwen3}" --parts prefill,decode --rounds 2 --seconds "${BENCH_SECONDS:-1.0}" --out "$out")
+bench=(python "$here/benchmarks/bench_e2e.py" --models "${BENCH_MODELS:-llama,qwen3}" --parts prefill,decode --rounds "${BENCH_ROUNDS:-2}" --seconds "${BENCH_SECONDS:-1.0}" --out "$out")
 for step in ${steps//,/ }; do
   echo "== $step $(date -u +%H:%M:%S)"
   case $step in

@@ -18,6 +18,8 @@
 #   bash tests/gpu/device_proof.sh trace OUT      # Gemma3 checkpointing, then where an untuned first process's
 #                                                # decode step spends its host time (benchmarks/decode_trace.py)
 #   bash tests/gpu/device_proof.sh trace_slow OUT # the first process's slow first seconds: profiled, gc, control
+#   bash tests/gpu/device_proof.sh final OUT      # untuned first process (both models), then `fast` in shorter
+#                                                # budgets: one call
 #   bash tests/gpu/device_proof.sh fast OUT      # fl-patch tune with the fast launch path (rms_norm, rope, swiglu),
 #                                                # then bench_e2e on both models with and without it
 # Needs the wheels of ../shared/gpu/wheels.sh in .whl (and, for `rest`, tests/gpu/export_lightx2v.sh's .lightx2v).
@@ -106,11 +108,20 @@ case "$part" in
       --tuned-profile "$out/tuned_fast.json" --out "$out" --name e2e_fast > "$out/e2e_fast.log" 2>&1
     echo "e2e_fast rc=$?"
     ;;
+  final)  # the untuned first process on both models, then the fast launch e2e (shorter budgets than `fast`)
+    BENCH_SECONDS=0.2 BENCH_ROUNDS=3 step untuned_first 170 bash benchmarks/untuned_device.sh "$out/untuned" first
+    FL_PATCH_FAST_LAUNCH=1 step tune_fast 90 python3 -m fl_patch tune --out "$out/tuned_fast.json" \
+      --families rms_norm,rope,swiglu --budget-s 60
+    timeout 250 python3 benchmarks/bench_e2e.py --models llama,qwen3 --parts prefill,decode --rounds 2 --seconds 0.2 \
+      --variants hf_sdpa,fl_patch,fl_patch_off,fl_patch_off_fast,fl_patch_tuned_fast \
+      --tuned-profile "$out/tuned_fast.json" --out "$out" --name e2e_fast > "$out/e2e_fast.log" 2>&1
+    echo "e2e_fast rc=$?"
+    ;;
   check)
     step check 300 python3 -m fl_patch check --json "$out/check.json"
     ;;
   *)
-    echo "device_proof.sh: part $part? accepted: profile, rest, check, tune, qwen3, e2e, pending, next, trace, trace_slow, fast" >&2
+    echo "device_proof.sh: part $part? accepted: profile, rest, check, tune, qwen3, e2e, pending, next, trace, trace_slow, final, fast" >&2
     exit 2
     ;;
 esac
