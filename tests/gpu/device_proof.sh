@@ -108,7 +108,8 @@ case "$part" in
       --tuned-profile "$out/tuned_fast.json" --out "$out" --name e2e_fast > "$out/e2e_fast.log" 2>&1
     echo "e2e_fast rc=$?"
     ;;
-  final)  # the untuned first process on both models, then the fast launch e2e (shorter budgets than `fast`)
+  final)  # host cost, the untuned first process on both models, then the fast launch e2e (shorter than `fast`)
+    step host_cost 45 python3 benchmarks/bench_host_cost.py --out "$out" --repeats 3
     BENCH_SECONDS=0.2 BENCH_ROUNDS=3 step untuned_first 170 bash benchmarks/untuned_device.sh "$out/untuned" first
     FL_PATCH_FAST_LAUNCH=1 step tune_fast 90 python3 -m fl_patch tune --out "$out/tuned_fast.json" \
       --families rms_norm,rope,swiglu --budget-s 60
