@@ -84,14 +84,46 @@ def test_train_gpu_script_dry_run_checks_every_variant(tmp_path):
 
 
 def test_e2e_benchmark_rounds_interleave_and_keep_each_round(tmp_path):
-    run_script("benchmarks/bench_e2e.py", "--quick", "--models", "llama", "--parts", "prefill", "--rounds", "2",
-               "--variants", "fl_patch", "--out", str(tmp_path), timeout=600)
+    out = run_script("benchmarks/bench_e2e.py", "--quick", "--models", "llama", "--parts", "prefill", "--rounds", "2",
+                     "--variants", "fl_patch", "--out", str(tmp_path), timeout=600).stdout
     forward = json.loads((tmp_path / "e2e_quick.json").read_text())["models"]["llama"]["forward"]
     assert set(forward) == {"hf_sdpa", "fl_patch"}
     for shapes in forward.values():
         for entry in shapes.values():
             assert len(entry["rounds_ms"]) == 2
             assert min(entry["rounds_ms"]) <= entry["ms"] <= max(entry["rounds_ms"])
+    # each shape timed by every variant back to back (--interleave shape, the default), in both rounds
+    timed = re.findall(r"^  (hf_sdpa|fl_patch) +(prefill_\w+)=", out, flags=re.M)
+    assert timed == [("hf_sdpa", "prefill_2x32"), ("fl_patch", "prefill_2x32"), ("hf_sdpa", "prefill_1x8"),
+                     ("fl_patch", "prefill_1x8")] * 2, out
+
+
+def test_e2e_speedup_is_the_median_of_paired_round_ratios():
+    spec = importlib.util.spec_from_file_location("bench_e2e_module", REPO / "benchmarks" / "bench_e2e.py")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    # round 1 ran on a slow host for both: paired ratios 2.0, 1.0, 1.0 -> 1.0; medians alone would say 10/5 = 2.0
+    hf = {"ms": 10.0, "rounds_ms": [20.0, 10.0, 9.0]}
+    patched = {"ms": 5.0, "rounds_ms": [10.0, 10.0, 9.0]}
+    assert bench.speedup(hf, patched) == 1.0
+    assert bench.speedup({"ms": 10.0}, {"ms": 5.0}) == 2.0  # no rounds: the ratio of the medians
+
+
+def test_decode_trace_quick_times_every_step_and_names_what_fl_patch_adds(tmp_path):
+    run_script("benchmarks/decode_trace.py", "--quick", "--out", str(tmp_path), timeout=600)
+    trace = json.loads((tmp_path / "decode_trace.json").read_text())
+    assert len(trace["fl_patch_ms"]) == 20 and len(trace["hf_ms"]["before"]) == 50
+    assert [span for span, *_ in trace["windows"]] == ["1-10", "11-20"]
+    assert len(trace["detail"]["fl_patch"]) == 20 and all(len(row) == 4 for row in trace["detail"]["fl_patch"])
+    assert set(trace["checkpoints"]) == {"1", "2", "5", "10", "20"}
+    added = trace["added_functions"]
+    assert any("fl_patch/kernels/rms_norm.py" in name for name in added), added  # the reference kernels ran
+    assert all("fl_patch" in name or "flag_gems" in name or "triton" in name for name in added)
+    assert "| fl_patch steps | median ms |" in (tmp_path / "decode_trace.md").read_text()
 
 
 def test_routing_benchmark_quick_routes_every_call_natively():
