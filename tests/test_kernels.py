@@ -447,12 +447,14 @@ def test_unsupported_rope_gems_past_the_device(accelerator):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", ["shared positions", "per-row positions", "one row", "unsqueeze 2",
-                                  "contiguous bhsd", "partial rotary", "decode"])
+                                  "contiguous bhsd", "partial rotary", "decode", "per-row contiguous bhsd",
+                                  "per-row unsqueeze 2", "per-row partial rotary"])
 def test_gems_rope_matches_reference(fake_gems, dtype, case):
     batch, seq, head_dim, rotary_dim = 3, 7, 32, None
     positions = torch.arange(seq)[None]
-    if case == "per-row positions":
+    if case.startswith("per-row"):  # cos per batch row: the batch folded into one sequence
         positions = torch.stack([torch.arange(seq) + offset for offset in (0, 5, 11)])
+        case = case.removeprefix("per-row ")
     if case == "one row":
         batch = 1
     if case == "decode":

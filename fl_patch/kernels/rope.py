@@ -64,11 +64,11 @@ def gems_hf(
     the kernel's output.
     """
     flag_gems = gems.ops()
-    # shared positions (cos has one row): a row per batch row, position = token % sequence; else the batch folded
-    # into one long sequence, a table row per (batch row, position)
-    rows = q.shape[0] if cos.shape[0] == 1 else 1
-    q_tokens = _tokens_view(q, unsqueeze_dim, rows)
-    k_tokens = _tokens_view(k, unsqueeze_dim, rows)
+    folded = cos.shape[0] != 1 and q.shape[0] != 1  # a table row per (batch row, position): one long sequence
+    if folded:
+        q_tokens, k_tokens = _folded(q, unsqueeze_dim), _folded(k, unsqueeze_dim)
+    else:  # position = token % sequence
+        q_tokens, k_tokens = _tokens_first(q, unsqueeze_dim), _tokens_first(k, unsqueeze_dim)
     cos_table, sin_table = _hf_table(cos, sin)
     rotary_dim = cos.shape[-1]
     if rotary_dim == q_tokens.shape[3]:
@@ -79,34 +79,44 @@ def gems_hf(
         )
         q_out = torch.cat((q_rot, q_tokens[..., rotary_dim:]), dim=-1)
         k_out = torch.cat((k_rot, k_tokens[..., rotary_dim:]), dim=-1)
-    return _heads_view(q_out, q.shape, unsqueeze_dim), _heads_view(k_out, k.shape, unsqueeze_dim)
+    if folded:
+        return _unfolded(q_out, q.shape, unsqueeze_dim), _unfolded(k_out, k.shape, unsqueeze_dim)
+    if unsqueeze_dim == 1:
+        return q_out.transpose(1, 2), k_out.transpose(1, 2)
+    return q_out, k_out
 
 
-def _tokens_view(x: torch.Tensor, unsqueeze_dim: int, rows: int) -> torch.Tensor:
-    """x as FlagGems takes it, ``(rows, tokens, H, D)`` with x's batch and sequence dims merged into ``rows *
-    tokens``, in one view op (``as_strided``: a decode step's rope is launch-bound, and each view op is a few µs of
-    host time); a copy only where the batch and sequence dims can't be merged. `rows` is 1 (the batch folded into
-    the sequence: one table row per batch row and position) or the batch size (position = token % sequence)."""
+def _tokens_first(x: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
+    """x as ``(B, S, H, D)`` whose B and S dims FlagGems can flatten with ``view`` (copied only if not)."""
+    tokens = x.transpose(1, 2) if unsqueeze_dim == 1 else x
+    batch, seq = tokens.shape[0], tokens.shape[1]
+    if batch == 1 or seq == 1 or tokens.stride(0) == seq * tokens.stride(1):
+        return tokens
+    return tokens.contiguous()
+
+
+def _folded(x: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
+    """x as ``(1, B * S, H, D)``: the batch folded into one long sequence, in one ``as_strided`` (a transpose and a
+    reshape took twice its host time, on a launch-bound call); a copy only where B and S can't be merged."""
     if unsqueeze_dim == 1:
         batch, heads, seq, dim = x.shape
         batch_stride, heads_stride, seq_stride, dim_stride = x.stride()
     else:
         batch, seq, heads, dim = x.shape
         batch_stride, seq_stride, heads_stride, dim_stride = x.stride()
-    if batch > 1 and seq > 1 and batch_stride != seq * seq_stride:
-        x = (x.transpose(1, 2) if unsqueeze_dim == 1 else x).contiguous()  # (B, S, H, D), now mergeable
+    if seq > 1 and batch_stride != seq * seq_stride:
+        x = (x.transpose(1, 2) if unsqueeze_dim == 1 else x).contiguous()  # (B, S, H, D)
         seq_stride, heads_stride, dim_stride = heads * dim, dim, 1
     token_stride = seq_stride if seq > 1 else batch_stride
-    tokens = batch * seq // rows
-    return x.as_strided((rows, tokens, heads, dim), (tokens * token_stride, token_stride, heads_stride, dim_stride))
+    tokens = batch * seq
+    return x.as_strided((1, tokens, heads, dim), (tokens * token_stride, token_stride, heads_stride, dim_stride))
 
 
-def _heads_view(out: torch.Tensor, shape: torch.Size, unsqueeze_dim: int) -> torch.Tensor:
-    """The kernel's ``(rows, tokens, H, D)`` output in the caller's layout `shape` (q's or k's), in one view op:
-    ``(B, H, S, D)`` for ``unsqueeze_dim=1``, ``(B, S, H, D)`` for 2."""
-    rows_stride, token_stride, heads_stride, dim_stride = out.stride()
-    batch, seq = shape[0], shape[3 - unsqueeze_dim]
-    batch_stride = rows_stride if out.shape[0] == batch else seq * token_stride
+def _unfolded(out: torch.Tensor, shape: torch.Size, unsqueeze_dim: int) -> torch.Tensor:
+    """The kernel's ``(1, B * S, H, D)`` output in the caller's layout `shape` (q's or k's): ``(B, H, S, D)`` for
+    ``unsqueeze_dim=1``, ``(B, S, H, D)`` for 2, in one ``as_strided``."""
+    _, token_stride, heads_stride, dim_stride = out.stride()
+    batch_stride = shape[3 - unsqueeze_dim] * token_stride
     if unsqueeze_dim == 1:
         return out.as_strided(shape, (batch_stride, heads_stride, token_stride, dim_stride))
     return out.as_strided(shape, (batch_stride, token_stride, heads_stride, dim_stride))
