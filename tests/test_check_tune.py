@@ -416,8 +416,28 @@ def test_tune_budget_leaves_the_rest_not_measured(monkeypatch, tmp_path):
     out = tmp_path / "p.json"
     assert tuning.main(["--quick", "--out", str(out), "--families", "swiglu,layer_norm", "--budget-s", "150"]) == 0
     data = json.loads(out.read_text())
-    assert data["not_measured"] == ["layer_norm.layer_norm"] and set(data["families"]) == {"swiglu"}
+    assert data["not_measured"] == ["layer_norm.layer_norm"] and data["families"]["swiglu"]["forms"]
     profiles.parse(data, str(out), "test")
+
+
+def test_tune_of_some_families_keeps_the_others_native(tmp_path):
+    """A family tune did not measure is written native, not left absent (absent = FlagGems at every size): a profile
+    of `--families rope` must not send linear and attention to FlagGems."""
+    from fl_patch.device import profiles, routing, tuning
+
+    out = tmp_path / "p.json"
+    assert tuning.main(["--quick", "--out", str(out), "--families", "swiglu"]) == 0
+    profile = profiles.read(out, "test")
+    unmeasured = set(profiles.FAMILY_FORMS) - {"swiglu"}
+    for family in unmeasured:
+        decision = profile.decision(f"{family}.{profiles.FAMILY_FORMS[family][0]}")
+        assert decision.route == "native" and decision.why == tuning.NOT_TUNED, (family, decision)
+        threshold, reason = routing._from_decision(decision, lifted=False)[:2]
+        assert threshold == routing.NATIVE and reason == routing.PROFILE_NATIVE
+    assert profile.decision("swiglu.swiglu").why != tuning.NOT_TUNED
+    assert tuning.redecide(out, tmp_path / "again.json") == 0  # decided again: the native entries stay
+    again = profiles.read(tmp_path / "again.json", "test")
+    assert {family for family in unmeasured if again.families[family].route == "native"} == unmeasured
 
 
 def standin_flag_gems(cos_factor: float):

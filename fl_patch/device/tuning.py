@@ -48,8 +48,10 @@ routing uses under torch.compile; a profile without one keeps the originals ther
 inductor less to fuse than a whole model does (the residual add, the casts around it), so the decision leans
 towards FlagGems, if anything. Each size compiles twice (seconds each): the default budget doubles.
 
-``--budget-s``: no new form starts after it; the forms left are listed as not measured (a family with no
-measured form is absent: FlagGems everywhere, as without a profile). The profile (``fl_patch.device.profiles``
+``--budget-s``: no new form starts after it; the forms left are listed as not measured. A family with no measured
+form (left out by ``--families``, or by the budget) is written as native, the path that can't lose
+(:data:`NOT_TUNED`): a profile's absent family would run FlagGems at every size, and ``fl-patch tune --families rope``
+once sent every linear and attention call of a decode step to FlagGems (2.5x slower, H100, 2026-12-07). The profile (``fl_patch.device.profiles``
 format, with every measurement) is rewritten after each form: ``--out PATH``, by default the user's cache
 (``profiles.cache_dir()``, named by ``profiles.file_name``); ``--quick`` (the reference kernels on the CPU,
 seconds: it checks the harness) writes to a new temporary folder unless ``--out`` is given.
@@ -90,6 +92,8 @@ MIN_CALLS, MAX_CALLS = 3, 200
 # Of the 3 minutes an H200 run may take: start-up (15 s) and the form running when the budget ends fit in the
 # rest. On a fresh H200 the two regimes took 148 s for 12 forms, 71 s of it FlagGems' GEMM autotuning (linear).
 BUDGET_S = 150.0
+NOT_TUNED = ("not measured by this tune (--families or --budget-s): native, the path that can't lose; "
+             "`fl-patch tune` without --families measures it")
 RULE = ("per form over its measured points sorted by elements: N = the smallest measured size where FlagGems is "
         "faster by more than noise (gems x (1 + noise) < native) at a point of that size and gems <= native x "
         "(1 + noise) at every measured point from N on; N at the smallest size -> "
@@ -632,6 +636,10 @@ class Tuner:
             forms = {key.split(".", 1)[1]: self.decisions[key] for key in keys}
             points = [point for key in keys for point in self.measurements[key]]
             families[family] = {**family_decision(forms), "forms": forms, "measurements": _json_ready(points)}
+        for family in dict.fromkeys(form.family for form in kernel_cases.FORMS):
+            if family not in families:  # a profile's absent family runs FlagGems everywhere: say native instead
+                families[family] = {"route": "native", "min_elements": 0, "why": NOT_TUNED, "forms": {},
+                                    "measurements": []}
         return {"schema": profiles.SCHEMA, "kind": profiles.KIND, **self.identity,
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "provider": self.provider, "dtype": dtype_name(), "rule": RULE,
