@@ -50,9 +50,10 @@ towards FlagGems, if anything. Each size compiles twice (seconds each): the defa
 
 ``--budget-s``: no new form starts after it; the forms left are listed as not measured. A family with no measured
 form (left out by ``--families``, or by the budget) is written as native, the path that can't lose
-(:data:`NOT_TUNED`): a profile's absent family would run FlagGems at every size, and ``fl-patch tune --families rope``
-once sent every linear and attention call of a decode step to FlagGems (2.5x slower, H100, 2026-12-07). The profile (``fl_patch.device.profiles``
-format, with every measurement) is rewritten after each form: ``--out PATH``, by default the user's cache
+(:data:`NOT_TUNED`): a profile's absent family would run FlagGems at every size, and a profile of ``--families
+rms_norm,rope,swiglu`` once sent every linear and attention call of a decode step to FlagGems (2.5x slower, H100,
+2026-12-07). The profile (``fl_patch.device.profiles`` format, with every measurement) is rewritten after each
+form: ``--out PATH``, by default the user's cache
 (``profiles.cache_dir()``, named by ``profiles.file_name``); ``--quick`` (the reference kernels on the CPU,
 seconds: it checks the harness) writes to a new temporary folder unless ``--out`` is given.
 """
