@@ -657,7 +657,7 @@ class Tuner:
         print(f"fl-patch tune: {len(self.decisions)} forms measured in {data['elapsed_s']} s; wrote {self.out}")
         for family, entry in data["families"].items():
             forms = ", ".join(f"{form} {_route(decision)}" for form, decision in entry["forms"].items())
-            print(f"  {family:<{FAMILY_WIDTH}} {_route(entry):<22} ({forms})")
+            print(f"  {family:<{FAMILY_WIDTH}} {_route(entry):<22} ({forms or 'not measured by this tune'})")
 
 
 def _route(decision: dict) -> str:
