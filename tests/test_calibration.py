@@ -189,6 +189,54 @@ def test_a_size_outside_the_measured_range_is_measured_when_it_comes(device, fak
         calibration.bucket_of(4096 * 64))[0]
 
 
+def test_flag_gems_is_never_routed_below_the_smallest_size_measured_in_a_regime(device, fake_gems, costs,
+                                                                                 monkeypatch):
+    """Large calls measured while the device is busy (FlagGems wins there), small ones while it is idle (native
+    wins): a small call that finds the device busy stays native. Its size was never measured busy, and on an H100
+    such calls went to FlagGems' 60-130 µs call in every decode step (device-bound decided 'gems at every size')."""
+    busy = {"now": True}
+    monkeypatch.setattr(routing, "_busy", lambda device: busy["now"])
+    fl_patch.apply(kernels="gems", exclude=["attention", "linear"])
+    costs.update(gems=5e-6, native=20e-6)
+    run_until_decided(4096)  # 262144 elements, device-bound
+    busy["now"] = False
+    costs.update(gems=60e-6, native=10e-6)
+    run_until_decided(1)  # 64 elements, launch-bound
+    decision = calibration.state(KEY).decision()
+    assert decision["route"] == "native"
+    assert decision["device_bound"]["route"] == "gems" and decision["device_bound"]["min_elements"] == 2 ** 18
+    busy["now"] = True
+    before = gems_calls(fake_gems)
+    call(4)  # 256 elements: inside the measured range, never measured busy
+    assert gems_calls(fake_gems) == before and record()["fallbacks"][gems.PROFILE_NATIVE] >= 1
+    call(4096)
+    assert gems_calls(fake_gems) == before + 1  # where it was measured, FlagGems still wins
+
+
+def test_a_calibrated_file_of_an_older_rule_routes_by_todays(device, fake_gems, costs, monkeypatch):
+    """A calibrated profile written before the rule above (device-bound 'gems at every size' from points at large
+    sizes only) is decided again from its points when read."""
+    busy = {"now": True}
+    monkeypatch.setattr(routing, "_busy", lambda device: busy["now"])
+    fl_patch.apply(kernels="gems", exclude=["attention", "linear"])
+    costs.update(gems=5e-6, native=20e-6)
+    run_until_decided(4096)
+    busy["now"] = False
+    costs.update(gems=60e-6, native=10e-6)
+    run_until_decided(1)
+    fl_patch.revert()
+    path = calibrated_file(device)
+    data = json.loads(path.read_text())
+    [form] = [f for f in data["families"]["rms_norm"]["forms"]]
+    data["families"]["rms_norm"]["forms"][form]["device_bound"]["min_elements"] = 0  # what the old rule wrote
+    path.write_text(json.dumps(data))
+    fl_patch.apply(kernels="gems", exclude=["attention", "linear"])
+    fake_gems.calls.clear()
+    busy["now"] = True
+    call(4)
+    assert gems_calls(fake_gems) == 0
+
+
 def test_the_calibrated_profile_is_written_and_the_next_process_starts_from_it(device, fake_gems, costs):
     costs.update(gems=5e-6, native=20e-6)
     fl_patch.apply(kernels="gems", exclude=["attention", "linear"])
@@ -341,7 +389,8 @@ def test_the_report_and_status_say_what_was_learned_and_what_is_kept_native(devi
     run_until_decided(16)
     call(1)  # a new size: being measured
     text = runtime.report_text()
-    assert f"calibrated {KEY}: gems (from {2 * calibration.SAMPLES} timed calls" in text
+    # FlagGems from the smallest size measured (16 rows of 64), not below it
+    assert f"calibrated {KEY}: gems >= {16 * 64} (from {2 * calibration.SAMPLES} timed calls" in text
     assert f"measuring {KEY}: 64+ elements, launch-bound: 1+0 calls" in text
     monkeypatch.setitem(verification.checks(KEY).__dict__, "failed", "FlagGems' x differs")
     assert f"kept native {KEY}: FlagGems' x differs" in runtime.report_text()

@@ -270,16 +270,30 @@ class KeyState:
 
         launch = [p for (_, regime), p in self.points.items() if regime == LAUNCH_BOUND]
         bound = [p for (_, regime), p in self.points.items() if regime == DEVICE_BOUND]
-        decided = decide(launch) if launch else {
+        decided = _not_below(decide(launch), launch) if launch else {
             "route": "native", "min_elements": 0, "why": "no launch-bound call measured yet: native (the prior)"}
         if bound:
-            decided["device_bound"] = decide(bound)
+            decided["device_bound"] = _not_below(decide(bound), bound)
         low, high = self.measured_range()
         decided["why"] = "calibrated on this program's calls: " + decided["why"]
         decided["measured"] = {
             "min_elements": low, "max_elements": high,
             "timed_calls": sum(_weight(p) for p in self.points.values())}
         return decided
+
+
+def _not_below(decision: dict, points: list[dict]) -> dict:
+    """`decision` (tune's rule over one regime's `points`) with FlagGems never routed below the smallest size
+    measured in that regime. ``fl-patch tune`` measures from the smallest size that matters, so its "FlagGems at
+    every size" stands; calibration measures the sizes the program happened to call in that regime, so the sizes
+    below are unknown, not won. (An H100 process calibrated its device-bound cells at prefill only, 2**24 elements
+    and up, and sent every decode RMSNorm, rope and SwiGLU call that found the stream busy to FlagGems' 60-130 µs
+    call, 2026-12-07.)"""
+    smallest = min(point["elements"] for point in points)
+    if decision["route"] == "gems" and decision["min_elements"] < smallest:
+        decision["min_elements"] = smallest
+        decision["why"] += f"; not below {smallest} elements, the smallest size measured in this regime"
+    return decision
 
 
 # ------------------------------------------------------------------------------------------------ state
@@ -416,6 +430,14 @@ def points_of(data: dict) -> dict[str, list[dict]]:
         if isinstance(points, list) and all(_is_point(p) for p in points):
             out[key] = points
     return out
+
+
+def decision_of(key: str, points: list[dict]) -> dict:
+    """The decision calibration takes for `key` from `points` (a calibrated profile's, see :func:`points_of`)."""
+    state = KeyState(key)
+    for point in points:
+        state.points[(point["bucket"], point["regime"])] = point
+    return state.decision()
 
 
 def _is_point(point) -> bool:

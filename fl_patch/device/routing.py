@@ -219,7 +219,12 @@ def _entry(lookup: profiles.Lookup, key: str, lifted: bool) -> Entry:
     decision = profile.decision(key)
     measured = EVERY_SIZE
     if profile.calibrated and key in calibration.calibrated_keys():
-        measured = calibration.state(key).measured_range() or NONE_MEASURED
+        learned = calibration.state(key)
+        measured = learned.measured_range() or NONE_MEASURED
+        # decided again from its points (learned here, else the file's): a file of an older rule routes by today's
+        points = list(learned.points.values()) or calibration.points_of(profile.data).get(key)
+        if points:
+            decision = profiles.decision_from(calibration.decision_of(key, points), f"calibrated decision of {key}")
     return _from_decision(decision, lifted, measured)
 
 
