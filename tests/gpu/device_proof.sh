@@ -113,8 +113,9 @@ case "$part" in
     BENCH_SECONDS=0.2 BENCH_ROUNDS=3 step untuned_first 170 bash benchmarks/untuned_device.sh "$out/untuned" first
     FL_PATCH_FAST_LAUNCH=1 step tune_fast 90 python3 -m fl_patch tune --out "$out/tuned_fast.json" \
       --families rms_norm,rope,swiglu --budget-s 60
-    timeout 250 python3 benchmarks/bench_e2e.py --models llama,qwen3 --parts prefill,decode --rounds 2 --seconds 0.2 \
-      --variants hf_sdpa,fl_patch,fl_patch_off,fl_patch_off_fast,fl_patch_tuned_fast \
+    # Llama alone: with five variants both models took more than 250 s on the H100 (2026-12-07 16:33 UTC)
+    timeout 250 python3 benchmarks/bench_e2e.py --models llama --parts prefill,decode --rounds 2 --seconds 0.2 \
+      --variants hf_sdpa,fl_patch,fl_patch_off_fast,fl_patch_tuned_fast \
       --tuned-profile "$out/tuned_fast.json" --out "$out" --name e2e_fast > "$out/e2e_fast.log" 2>&1
     echo "e2e_fast rc=$?"
     ;;
