@@ -62,11 +62,10 @@ gc.callbacks.append(GC)
 DETAIL: dict[str, list] = {}
 
 
-def timed_steps(step, count: int, device: str, times: list | None = None, on_step=None,
-                label: str = "") -> list[float]:
-    """Wall ms of `count` steps, each from a drained device to a drained device, appended to `times` (and the
-    detail of each under DETAIL[label])."""
-    times = [] if times is None else times
+def timed_steps(step, count: int, device: str, on_step=None, label: str = "") -> list[float]:
+    """Wall ms of `count` steps, each from a drained device to a drained device (the detail of each appended to
+    DETAIL[label])."""
+    times = []
     detail = DETAIL.setdefault(label, [])
     for number in range(1, count + 1):
         synchronize(device)
@@ -171,11 +170,10 @@ def main() -> None:
         if number == 1 and args.gc_freeze:
             gc.freeze()
         if number in CHECKPOINTS:
-            checkpoints[number] = {"ms_so_far": statistics.median(fl_times[-min(10, len(fl_times)):])
-                                   if fl_times else None, **learning_state()}
+            so_far = DETAIL["fl_patch"][-10:]
+            checkpoints[number] = {"ms_so_far": statistics.median(row[0] for row in so_far), **learning_state()}
             print(f"  fl_patch step {number}: {len(checkpoints[number]['learning'])} learning lines", flush=True)
 
-    fl_times: list[float] = []
     if args.control:  # the "fl_patch" steps are HF's, after FlagGems' first call
         flag_gems_control(device)
         context = contextlib.nullcontext
@@ -183,11 +181,11 @@ def main() -> None:
         context = lambda: fl_patch.patched(kernels=kernels)  # noqa: E731
     with context():
         if args.early_profile:
-            timed_steps(step, 1, device, times=fl_times, on_step=snapshot, label="fl_patch")
+            timed_steps(step, 1, device, on_step=snapshot, label="fl_patch")
             fl_stats = profiled(step, profile_steps, device)
-            timed_steps(step, steps, device, times=fl_times, on_step=snapshot, label="fl_patch")
+            timed_steps(step, steps, device, on_step=snapshot, label="fl_patch")
         else:
-            timed_steps(step, steps, device, times=fl_times, on_step=snapshot, label="fl_patch")
+            timed_steps(step, steps, device, on_step=snapshot, label="fl_patch")
             fl_stats = profiled(step, profile_steps, device)
         reasons = routed_reasons()
         final_state = learning_state()
@@ -202,7 +200,8 @@ def main() -> None:
         if device == "cuda" else "cpu", "versions": {"torch": torch.__version__},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "hf_ms": {"median": hf_ms, "before": hf_before, "after": hf_after},
-        "fl_patch_ms": fl_times, "windows": windows(DETAIL["fl_patch"]), "checkpoints": checkpoints,
+        "fl_patch_ms": [row[0] for row in DETAIL["fl_patch"]], "windows": windows(DETAIL["fl_patch"]),
+        "checkpoints": checkpoints,
         "final": final_state, "routed_natively": reasons,
         "profile_steps": profile_steps, "options": {"early_profile": args.early_profile,
                                                     "gc_freeze": args.gc_freeze, "control": args.control},

@@ -257,6 +257,11 @@ class KeyState:
     sample: tuple[int, str, int] | None = None  # (bucket, regime, elements) of the call the router let through
     calls: int = 0  # calls measured in this process (timed or warm-up)
 
+    def add(self, points: list[dict]) -> None:
+        """Take `points` (a calibrated profile's, see :func:`points_of`) as measured."""
+        for point in points:
+            self.points[(point["bucket"], point["regime"])] = point
+
     def measured_range(self) -> tuple[int, int] | None:
         """(smallest, largest) element count of the buckets with a point, or None."""
         if not self.points:
@@ -335,9 +340,7 @@ def start(path: Path, device: dict, versions: dict, points: dict[str, list[dict]
     with _cal.lock:
         _cal.path, _cal.device, _cal.versions, _cal.on_decision = path, device, versions, on_decision
         for key, known in points.items():
-            state = _cal.keys.setdefault(key, KeyState(key))
-            for point in known:
-                state.points[(point["bucket"], point["regime"])] = point
+            _cal.keys.setdefault(key, KeyState(key)).add(known)
 
 
 def state(key: str) -> KeyState:
@@ -430,14 +433,6 @@ def points_of(data: dict) -> dict[str, list[dict]]:
         if isinstance(points, list) and all(_is_point(p) for p in points):
             out[key] = points
     return out
-
-
-def decision_of(key: str, points: list[dict]) -> dict:
-    """The decision calibration takes for `key` from `points` (a calibrated profile's, see :func:`points_of`)."""
-    state = KeyState(key)
-    for point in points:
-        state.points[(point["bucket"], point["regime"])] = point
-    return state.decision()
 
 
 def _is_point(point) -> bool:

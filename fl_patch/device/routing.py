@@ -222,9 +222,11 @@ def _entry(lookup: profiles.Lookup, key: str, lifted: bool) -> Entry:
         learned = calibration.state(key)
         measured = learned.measured_range() or NONE_MEASURED
         # decided again from its points (learned here, else the file's): a file of an older rule routes by today's
-        points = list(learned.points.values()) or calibration.points_of(profile.data).get(key)
-        if points:
-            decision = profiles.decision_from(calibration.decision_of(key, points), f"calibrated decision of {key}")
+        if not learned.points:  # not calibrating (FL_PATCH_PROFILE names this file, ...): a detached state
+            learned = calibration.KeyState(key)
+            learned.add(calibration.points_of(profile.data).get(key, []))
+        if learned.points:
+            decision = profiles.decision_from(learned.decision(), f"calibrated decision of {key}")
     return _from_decision(decision, lifted, measured)
 
 
