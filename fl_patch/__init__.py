@@ -36,8 +36,8 @@ def apply(
     and naming it adds it to the other rows rather than narrowing them.
     kernels: ``"gems"`` or ``"reference"``. profile: the device profile to route by (a file or folder path, or
     ``"off"``; see fl_patch.device.profiles). fast_launch: FlagGems' hot functions launched directly once a call
-    signature is bound (fl_patch.kernels.fast_launch; default False until proven on a GPU). Arguments left None
-    come from ``FL_PATCH_*`` variables, then defaults.
+    signature is bound (fl_patch.kernels.fast_launch; default True, bitwise equal to FlagGems' own calls).
+    Arguments left None come from ``FL_PATCH_*`` variables, then defaults.
     Applying again with different settings reverts first. Raises SettingsError (a ValueError) naming the bad
     value and what is accepted.
     """

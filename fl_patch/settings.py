@@ -59,8 +59,8 @@ class Settings:
     report_at_exit: bool = False
     profile: str | None = None  # FL_PATCH_PROFILE: None = look it up, "off", or a file / folder path
     calibrate: bool = True  # FL_PATCH_CALIBRATE: learn a device without a measured profile from its own calls
-    fast_launch: bool = False  # FL_PATCH_FAST_LAUNCH: FlagGems' hot kernels launched directly once bound (opt-in
-    # until tests/gpu/fast_launch_gpu.py has proven it bitwise equal to FlagGems' own calls on a GPU)
+    fast_launch: bool = True  # FL_PATCH_FAST_LAUNCH: FlagGems' hot kernels launched directly once bound (bitwise
+    # equal to FlagGems' own calls: tests/gpu/fast_launch_gpu.py; docs/fast-launch.md)
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,8 @@ OPTIONS = (
     Option("report_at_exit", "FL_PATCH_REPORT", "bool", if_bad=False, if_bad_words="no report at exit"),
     Option("profile", "FL_PATCH_PROFILE", "path"),
     Option("calibrate", "FL_PATCH_CALIBRATE", "bool", if_bad=True, if_bad_words="calibration stays on"),
-    Option("fast_launch", "FL_PATCH_FAST_LAUNCH", "bool", if_bad=False, if_bad_words="the fast launch path stays off"),
+    Option("fast_launch", "FL_PATCH_FAST_LAUNCH", "bool", if_bad=True,
+           if_bad_words="the fast launch path stays on, its default"),
 )
 BY_KEY = {option.key: option for option in OPTIONS}
 

@@ -83,9 +83,10 @@ def record(where="torch.nn.functional.rms_norm"):
     return rec
 
 
-def calibrated_file(tmp_path):
-    return profiles.calibrated_dir({"XDG_CACHE_HOME": str(tmp_path / "cache")}) / profiles.file_name(
-        DEVICE.as_dict(), verification.stack()["flag_gems"])
+def calibrated_file(tmp_path, launch=profiles.FAST):
+    """The calibrated profile of DEVICE for a way of calling FlagGems (by default the fast launch path's)."""
+    return profiles.calibrated_dir({"XDG_CACHE_HOME": str(tmp_path / "cache")}) / profiles.calibrated_file_name(
+        DEVICE.as_dict(), verification.stack()["flag_gems"], launch)
 
 
 def apply_rms():
@@ -255,6 +256,68 @@ def test_the_calibrated_profile_is_written_and_the_next_process_starts_from_it(d
     assert gems_calls(fake_gems) == 2 and calibration.state(KEY).calls == 0  # no calls measured
     info = routing.describe()
     assert info["source"] == "calibrated" and info["state"] == "in force"
+
+
+def test_a_calibrated_profile_counts_only_for_the_way_flag_gems_was_called(device, fake_gems, costs):
+    """What calibration learned with the fast launch path (the default) says nothing of FlagGems' own functions'
+    host cost: a process with the fast path off calibrates again, into its own file."""
+    costs.update(gems=5e-6, native=20e-6)
+    fl_patch.apply(kernels="gems", exclude=["attention", "linear"])
+    run_until_decided(16)
+    fast = calibrated_file(device)
+    assert fast.name.endswith("-fast.json") and json.loads(fast.read_text())["launch"] == profiles.FAST
+    fl_patch.revert()
+    fl_patch.apply(kernels="gems", exclude=["attention", "linear"], fast_launch=False)
+    call(16)
+    assert routing.describe()["state"] == "none"  # the fast path's file is not this process's
+    assert calibration.state(KEY).calls == 1  # measured again
+    run_until_decided(16)
+    public = calibrated_file(device, profiles.PUBLIC)
+    assert public != fast and json.loads(public.read_text())["launch"] == profiles.PUBLIC
+    fl_patch.revert()
+    fl_patch.apply(kernels="gems", exclude=["attention", "linear"])  # the fast path again: its own file
+    call(16)
+    assert routing.describe()["path"] == str(fast) and calibration.state(KEY).calls == 0
+
+
+def test_a_tuned_profile_of_the_other_launch_path_is_used_and_the_status_says_so(device, fake_gems):
+    tuned = {"schema": 1, "kind": "fl_patch.profile", "device": {"vendor": "nvidia", "name": DEVICE.name},
+             "versions": {}, "date": "2026-12-04T00:00:00+00:00",
+             "families": {"rms_norm": {"route": "native", "why": "tuned"}}}  # no "launch": FlagGems' own functions
+    folder = profiles.cache_dir({"XDG_CACHE_HOME": str(device / "cache")})
+    folder.mkdir(parents=True)
+    (folder / "tuned.json").write_text(json.dumps(tuned))
+    fl_patch.apply(kernels="gems", exclude=["attention", "linear"])
+    call(16)
+    info = routing.describe()
+    assert info["source"] == "user cache" and "called here on the fast launch path" in info["summary"]
+    fl_patch.revert()
+    fl_patch.apply(kernels="gems", exclude=["attention", "linear"], fast_launch=False)
+    call(16)
+    assert "launch path" not in routing.describe()["summary"]
+
+
+def test_a_profile_with_an_unknown_launch_is_refused_by_name(tmp_path):
+    data = {"schema": 1, "kind": "fl_patch.profile", "device": {"name": DEVICE.name}, "versions": {},
+            "launch": "warp", "families": {}}
+    with pytest.raises(profiles.ProfileError, match="unknown launch 'warp'; accepted: fast, public"):
+        profiles.parse(data, "p.json", "test")
+
+
+def test_a_tuned_profile_records_how_flag_gems_was_called(tmp_path):
+    from fl_patch.device import tuning
+
+    def launch_of(provider):
+        tuner = tuning.Tuner(torch.device("cpu"), provider, [], 1.0, tmp_path / "p.json", {"device": {}})
+        return tuner.profile()["launch"]
+
+    assert launch_of("gems") == profiles.FAST
+    gems.configure_fast_launch(False)
+    try:
+        assert launch_of("gems") == profiles.PUBLIC
+    finally:
+        gems.configure_fast_launch(None)
+    assert launch_of("reference") == profiles.PUBLIC
 
 
 def test_a_tuned_profile_wins_over_a_calibrated_one(device, fake_gems, costs):

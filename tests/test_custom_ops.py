@@ -257,10 +257,10 @@ def test_where_the_ops_cant_be_used_compiled_calls_run_the_original_unbroken(sta
 
 
 def test_eager_calls_get_the_flag_gems_module_and_compiled_ones_the_ops(stand_in_device):
-    assert gems.ops() is stand_in_device  # eager: the module (the fast launch path is opt-in)
-    gems.configure_fast_launch(True)
-    assert gems.ops().module is stand_in_device  # with it: the module's hot functions on the fast launch path
+    assert gems.ops().module is stand_in_device  # eager, by default: the module's hot functions on the fast path
     assert gems.ops().mm is stand_in_device.mm
+    gems.configure_fast_launch(False)
+    assert gems.ops() is stand_in_device  # without it: the module itself
     gems.configure_fast_launch(None)
 
     def which(x):

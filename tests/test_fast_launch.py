@@ -408,11 +408,10 @@ def test_threads_calling_one_signature_get_right_results_and_bind_it_once(ops, m
 
 # ------------------------------------------------------------------------------------ switch and report
 
-def test_gems_ops_is_the_fast_path_only_when_switched_on(fake_gems, monkeypatch):
-    assert gems.ops() is fake_gems  # off by default until the GPU suite has proven it
-    monkeypatch.setenv("FL_PATCH_FAST_LAUNCH", "1")
+def test_gems_ops_is_the_fast_path_unless_switched_off(fake_gems, monkeypatch):
+    monkeypatch.delenv("FL_PATCH_FAST_LAUNCH", raising=False)
     gems.configure_fast_launch(None)
-    assert isinstance(gems.ops(), fast_launch.FastOps) and gems.ops().module is fake_gems
+    assert isinstance(gems.ops(), fast_launch.FastOps) and gems.ops().module is fake_gems  # on by default
     assert gems.ops().mm is fake_gems.mm  # everything else: the module's own
     monkeypatch.setenv("FL_PATCH_FAST_LAUNCH", "0")
     gems.configure_fast_launch(None)
@@ -431,14 +430,14 @@ def test_a_bad_fast_launch_value_is_reported(monkeypatch, caplog):
     with pytest.raises(settings.SettingsError, match="FL_PATCH_FAST_LAUNCH='sometimes' is not a boolean"):
         settings.load({"FL_PATCH_FAST_LAUNCH": "sometimes"})
     chosen, problems = settings.load_lenient({"FL_PATCH_FAST_LAUNCH": "sometimes"})
-    assert not chosen.fast_launch and problems == [
+    assert chosen.fast_launch and problems == [
         "FL_PATCH_FAST_LAUNCH='sometimes' is not a boolean; accepted: 1, 0, true, false, yes, no, on, off; "
-        "ignored: the fast launch path stays off"]
-    assert settings.load({"FL_PATCH_FAST_LAUNCH": "on"}).fast_launch
-    monkeypatch.setenv("FL_PATCH_FAST_LAUNCH", "sometimes")  # read by gems without apply(): said once, stays off
+        "ignored: the fast launch path stays on, its default"]
+    assert not settings.load({"FL_PATCH_FAST_LAUNCH": "off"}).fast_launch
+    monkeypatch.setenv("FL_PATCH_FAST_LAUNCH", "sometimes")  # read by gems without apply(): said once, stays on
     monkeypatch.setattr(gems, "_said", set())
     gems.configure_fast_launch(None)
-    assert not gems.fast_launch_enabled() and not gems.fast_launch_enabled()
+    assert gems.fast_launch_enabled() and gems.fast_launch_enabled()
     assert caplog.text.count("FL_PATCH_FAST_LAUNCH='sometimes' is not a boolean") == 1
 
 

@@ -314,6 +314,7 @@ class _Calibration:
         self.path: Path | None = None  # the calibrated profile file of this process's device
         self.device: dict | None = None
         self.versions: dict = {}
+        self.launch = "public"  # how FlagGems is called while measured (fl_patch.device.profiles.LAUNCHES)
         self.on_decision: Callable[[str, dict], None] | None = None  # the router's: install a new decision
 
 
@@ -334,11 +335,13 @@ def reset(timer: Timer | None = None) -> None:
 
 
 def start(path: Path, device: dict, versions: dict, points: dict[str, list[dict]],
-          on_decision: Callable[[str, dict], None]) -> None:
+          on_decision: Callable[[str, dict], None], launch: str = "public") -> None:
     """Begin calibrating for the device `device` (its info as a dict): points already known per key (from its
-    calibrated profile), the file to merge new ones into, and the router's callback for a new decision."""
+    calibrated profile), the file to merge new ones into, the router's callback for a new decision, and how
+    FlagGems is called (`launch`, recorded in the file)."""
     with _cal.lock:
         _cal.path, _cal.device, _cal.versions, _cal.on_decision = path, device, versions, on_decision
+        _cal.launch = launch
         for key, known in points.items():
             _cal.keys.setdefault(key, KeyState(key)).add(known)
 
@@ -405,7 +408,7 @@ def collect(keyed: KeyState) -> None:
 # ------------------------------------------------------------------------------------------ persistence
 
 
-def profile_data(device: dict, versions: dict, keys: dict[str, dict]) -> dict:
+def profile_data(device: dict, versions: dict, keys: dict[str, dict], launch: str = "public") -> dict:
     """A calibrated profile: per family the decisions of its calibrated forms (``forms``), each with its points
     under the top-level ``calibrated`` field. The family's own decision is native: a form not listed is still
     being measured, and routes by the prior, never by the family's line."""
@@ -422,7 +425,7 @@ def profile_data(device: dict, versions: dict, keys: dict[str, dict]) -> dict:
         calibrated[key] = {"points": entry["points"]}
     return {"schema": profiles.SCHEMA, "kind": profiles.KIND, CALIBRATED: calibrated, "device": device,
             "versions": versions, "date": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-            "families": families}
+            "launch": launch, "families": families}
 
 
 def points_of(data: dict) -> dict[str, list[dict]]:
@@ -446,12 +449,12 @@ def save() -> Path | None:
     """Merge this process's points into the device's calibrated profile (module docstring). Never raises: a
     cache that can't be written only costs the next process its head start (said once, in the log)."""
     with _cal.lock:
-        path, device, versions = _cal.path, _cal.device, dict(_cal.versions)
+        path, device, versions, launch = _cal.path, _cal.device, dict(_cal.versions), _cal.launch
         mine = {key: list(s.points.values()) for key, s in _cal.keys.items() if s.points}
     if path is None or not mine:
         return None
     try:
-        merge(path, device, versions, mine)
+        merge(path, device, versions, mine, launch)
     except OSError as exc:
         log.warning("fl_patch: can't write the calibrated profile %s (%s); the next process calibrates again",
                     path, exc.strerror or exc)
@@ -461,7 +464,7 @@ def save() -> Path | None:
     return path
 
 
-def merge(path: Path, device: dict, versions: dict, mine: dict[str, list[dict]]) -> dict:
+def merge(path: Path, device: dict, versions: dict, mine: dict[str, list[dict]], launch: str = "public") -> dict:
     """Under an exclusive lock on ``<path>.lock``: read `path`'s points, add `mine` (of a (bucket, regime) both
     have, the point resting on more timed calls wins), recompute each key's decision, write atomically."""
     from fl_patch import output_path
@@ -480,7 +483,7 @@ def merge(path: Path, device: dict, versions: dict, mine: dict[str, list[dict]])
                     merged.points[where] = point
             keys[key] = {"decision": merged.decision(), "points": sorted(merged.points.values(),
                                                                       key=lambda p: (p["regime"], p["bucket"]))}
-        data = profile_data(device, versions, keys)
+        data = profile_data(device, versions, keys, launch)
         output_path.write_json(data, path)
     return data
 

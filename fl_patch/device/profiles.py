@@ -14,17 +14,21 @@ unset; ``fl-patch tune`` writes there), then the profiles shipped in this packag
 the profile calibrated on this device's own calls (``<cache>/calibrated/``, :mod:`fl_patch.device.calibration`). A
 file or folder named by ``FL_PATCH_PROFILE`` is used whatever device it was made on (the status says so when it
 differs); in the cache and the package only a profile of this device's vendor and name counts. A profile made with
-other torch or flag_gems versions is used and flagged as stale. Where none is found, the measured profile of
-another device of the same vendor, type and architecture (capability) is *borrowed* for the prior of
-:func:`fl_patch.device.routing.prior`: its device-bound decisions only (device time is a fact of the architecture; host
-cost is not).
+other torch or flag_gems versions is used and flagged as stale. ``launch`` says how FlagGems was called while it
+was measured: ``"fast"`` (the fast launch path, :mod:`fl_patch.kernels.fast_launch`) or ``"public"`` (FlagGems' own
+functions; a profile without the field). A measured file of the other way than this process calls FlagGems is
+still used (the status says so: FlagGems' host cost differs, and with it the launch-bound thresholds), one of the
+same way preferred; a calibrated one counts only for its own way (each way has its file). Where none is found, the
+measured profile of another device of the same vendor, type and architecture (capability) is *borrowed* for the
+prior of :func:`fl_patch.device.routing.prior`: its device-bound decisions only (device time is a fact of the
+architecture; host cost is not).
 
 The format (``schema`` 1)::
 
     {"schema": 1, "kind": "fl_patch.profile",
      "device": {"vendor": "nvidia", "name": "NVIDIA H200", "type": "cuda", "capability": "9.0"},
      "versions": {"fl_patch": "0.1.0", "torch": "2.11.0+cu130", "triton": "3.6.0", "flag_gems": "5.0.2"},
-     "date": "2026-12-03T10:00:00+00:00",
+     "date": "2026-12-03T10:00:00+00:00", "launch": "fast",
      "families": {"rms_norm": {"route": "gems", "min_elements": 4194304, "why": "...",
                                "device_bound": {"route": "gems", "min_elements": 1048576, "why": "..."},
                                "compiled": {"route": "native", "min_elements": 0, "why": "..."},
@@ -49,6 +53,8 @@ SCHEMA = 1
 KIND = "fl_patch.profile"
 ROUTES = ("gems", "native")
 OFF = "off"
+FAST, PUBLIC = "fast", "public"  # how FlagGems was called while a profile was measured (its "launch" field)
+LAUNCHES = (FAST, PUBLIC)
 
 # family -> its forms: the routing keys "<family>.<form>" a profile speaks of (each a form of fl_patch.kernels).
 FAMILY_FORMS = {
@@ -104,6 +110,11 @@ class Profile:
     def family_decision(self, family: str) -> Decision:
         """The family's own decision, or gems everywhere when the profile did not measure it."""
         return self.families.get(family, Decision("gems", 0, "not measured in this profile"))
+
+    @property
+    def launch(self) -> str:
+        """How FlagGems was called while this profile was measured: FAST or PUBLIC (older files: PUBLIC)."""
+        return self.data.get("launch", PUBLIC)
 
     @property
     def calibrated(self) -> bool:
@@ -173,6 +184,20 @@ def file_name(device: dict, flag_gems_version: str | None) -> str:
     return f"{stem}-flag_gems-{_slug(flag_gems_version or 'none')}.json"
 
 
+def launch_now() -> str:
+    """How this process calls FlagGems' hot functions: FAST where the fast launch path is on, else PUBLIC."""
+    from fl_patch.kernels import gems
+
+    return FAST if gems.fast_launch_enabled() else PUBLIC
+
+
+def calibrated_file_name(device: dict, flag_gems_version: str | None, launch: str) -> str:
+    """The calibrated profile's file: :func:`file_name`, ``-fast`` before ``.json`` for the fast launch path (what
+    one way of calling FlagGems learned says nothing of the other's launch-bound cost)."""
+    name = file_name(device, flag_gems_version)
+    return name[:-len(".json")] + "-fast.json" if launch == FAST else name
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-") or "x"
 
@@ -209,6 +234,8 @@ def parse(data, path: str, source: str) -> Profile:
         fail("'versions' must be an object")
     if not isinstance(families, dict):
         fail("'families' must be an object mapping family names to decisions")
+    if data.get("launch", PUBLIC) not in LAUNCHES:
+        fail(f"unknown launch {data.get('launch')!r}; accepted: {', '.join(LAUNCHES)}")
     decisions, forms = {}, {}
     for family, entry in families.items():
         if family not in FAMILY_FORMS:
@@ -319,7 +346,8 @@ def _borrowable(places: list[tuple[Path, str]], device) -> Profile | None:
 
 
 def _best_in(folder: Path, source: str, device, problems: list[str]) -> Profile | None:
-    """The profile in `folder` made on this device, preferring this flag_gems release, then the newest."""
+    """The profile in `folder` made on this device, preferring this flag_gems release, then this process's way of
+    calling FlagGems (:func:`launch_now`), then the newest. A calibrated profile of the other way does not count."""
     from fl_patch.versions import installed_version
 
     try:
@@ -335,10 +363,12 @@ def _best_in(folder: Path, source: str, device, problems: list[str]) -> Profile 
             continue
         if profile.matches(device):
             fitting.append(profile)
+    launch = launch_now()
+    fitting = [profile for profile in fitting if not (profile.calibrated and profile.launch != launch)]
     if not fitting:
         return None
     gems_version = installed_version("flag-gems")
-    return max(fitting, key=lambda p: (p.versions.get("flag_gems") == gems_version, p.date))
+    return max(fitting, key=lambda p: (p.versions.get("flag_gems") == gems_version, p.launch == launch, p.date))
 
 
 def write(data: dict, path: str | os.PathLike) -> Path:

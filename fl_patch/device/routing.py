@@ -397,7 +397,9 @@ def _start_learning(lookup: profiles.Lookup, info) -> None:
     profile = lookup.profile
     if _routing.calibrate and (profile is None or profile.calibrated):
         known = calibration.points_of(profile.data) if profile is not None else {}
-        calibration.start(profiles.calibrated_dir() / name, info.as_dict(), versions, known, _learned)
+        launch = profiles.launch_now()
+        path = profiles.calibrated_dir() / profiles.calibrated_file_name(info.as_dict(), versions["flag_gems"], launch)
+        calibration.start(path, info.as_dict(), versions, known, _learned, launch)
 
 
 def _say(lookup: profiles.Lookup, info) -> None:
@@ -453,9 +455,18 @@ def describe() -> dict:
         f"; stale: {'; '.join(stale)}" if stale else "")
     if not profile.matches(info):
         summary += f"; this device is {info.name}"
+    if profile.launch != profiles.launch_now():
+        summary += "; " + LAUNCH_WORDS[profile.launch]
     return {**out, "state": "stale" if stale else "in force", "summary": summary, "path": profile.path,
             "source": profile.source, "made_on": profile.device, "versions": profile.versions, "stale": stale,
             "families": _families(profile, lifted)}
+
+
+LAUNCH_WORDS = {  # a profile measured the other way than this process calls FlagGems
+    profiles.PUBLIC: "measured through FlagGems' own functions, called here on the fast launch path (cheaper where "
+                     "launch-bound: `fl-patch tune` measures it again)",
+    profiles.FAST: "measured on the fast launch path, which is off here (FlagGems' own functions cost more host "
+                   "time where launch-bound)"}
 
 
 def _families(profile: profiles.Profile, lifted: list[str]) -> dict:

@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     # --quick checks the harness: without --out its profile goes to a temporary folder, removed at the end.
     temporary = Path(tempfile.mkdtemp(prefix="fl_patch_tune_")) if args.quick and args.out is None else None
     out = args.out or (temporary or profiles.cache_dir()) / name
-    print(f"fl-patch tune: {info.label()}, {provider} against native, {dtype_name()}, budget {args.budget_s:g} s; "
+    how = f"{provider} ({profiles.launch_now()} launch)" if provider == "gems" else provider
+    print(f"fl-patch tune: {info.label()}, {how} against native, {dtype_name()}, budget {args.budget_s:g} s; "
           f"profile: {out}" + (" (temporary: --out PATH keeps it)" if temporary else ""), flush=True)
     print("  per form: its decision, then native time / gems time per size (above 1: FlagGems faster), launch-bound"
           "/device-bound where the device times both", flush=True)
@@ -498,6 +499,8 @@ class Tuner:
         self.measurements: dict[str, list[dict]] = {}  # key -> points
         self.decisions: dict[str, dict] = {}  # key -> decision
         self.not_measured: list[str] = []
+        # how FlagGems is called while measured: its host cost is part of every launch-bound decision
+        self.launch = profiles.launch_now() if provider == "gems" else profiles.PUBLIC
 
     def run(self) -> bool:
         """Measure every form (the budget allowing), writing the profile after each; True when the run ended, False
@@ -643,7 +646,7 @@ class Tuner:
                                     "measurements": []}
         return {"schema": profiles.SCHEMA, "kind": profiles.KIND, **self.identity,
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "provider": self.provider, "dtype": dtype_name(), "rule": RULE,
+                "provider": self.provider, "dtype": dtype_name(), "rule": RULE, "launch": self.launch,
                 "settings": {"repeats": REPEATS[self.mode], "loop_s": LOOP_S[self.mode], "noise_floor": NOISE_FLOOR,
                              "budget_s": self.budget_s},
                 "not_measured": self.not_measured, "elapsed_s": round(time.monotonic() - self.started, 1),

@@ -217,8 +217,7 @@ def configure_fast_launch(enabled: bool | None) -> None:
 
 def fast_launch_enabled() -> bool:
     """Whether ``ops()`` gives the fast launch path: the setting ``fl_patch.apply`` passed, else
-    FL_PATCH_FAST_LAUNCH (default off until the GPU suite has proven it; a value that is not a boolean is said once
-    and leaves it off)."""
+    FL_PATCH_FAST_LAUNCH (default on; a value that is not a boolean is said once and leaves it on)."""
     if _fast_launch is not None:
         return _fast_launch
     from fl_patch import settings
