@@ -9,7 +9,8 @@ logit difference from HF default:
     ``fl-patch status`` names), fl_patch_hand (routed by the hand table that came before profiles,
     benchmarks/hand_table_profile.json), fl_patch_off (FL_PATCH_PROFILE=off: no routing, every call a kernel
     takes runs FlagGems), fl_patch_fast / fl_patch_off_fast / fl_patch_tuned_fast (the same with the fast launch
-    path, docs/fast-launch.md), fl_patch_all (every family on FlagGems), fl_patch_all-<family> (each family left
+    path, docs/fast-launch.md, named: the default since 2026-12-07 18:30 UTC; before, the plain names ran without
+    it), fl_patch_public / fl_patch_off_public / fl_patch_tuned_public (without it), fl_patch_all (every family on FlagGems), fl_patch_all-<family> (each family left
     out in turn), fl_patch+global (FlagGems aten override too), compile_hf, compile_fl_patch (torch.compile,
     default mode; fl_patch's FlagGems calls are custom ops there), compile_hf_cudagraphs, compile_fl_patch_cudagraphs
     (mode="reduce-overhead"), compile_fl_patch_no_packing (default mode plus the opt-in row
@@ -117,13 +118,16 @@ def variants(kernels: str, quick: bool, model):
             ("fl_patch_all", lambda: fl_patch.patched(kernels=kernels, include=everything))]
     if TUNED_PROFILE:
         rows.append(("fl_patch_tuned", lambda: fl_patch.patched(kernels=kernels, profile=TUNED_PROFILE)))
-    # The same with FlagGems' hot functions launched directly (fl_patch.kernels.fast_launch): off = every call a
-    # kernel takes runs FlagGems, so fl_patch_off against fl_patch_off_fast is the host cost the fast path saves.
-    rows += [("fl_patch_fast", lambda: fl_patch.patched(kernels=kernels, fast_launch=True)),
-             ("fl_patch_off_fast", lambda: fl_patch.patched(kernels=kernels, profile="off", fast_launch=True))]
-    if TUNED_PROFILE:
-        rows.append(("fl_patch_tuned_fast",
-                     lambda: fl_patch.patched(kernels=kernels, profile=TUNED_PROFILE, fast_launch=True)))
+    # With and without FlagGems' hot functions launched directly (fl_patch.kernels.fast_launch), whatever the
+    # default: off = every call a kernel takes runs FlagGems, so fl_patch_off_public against fl_patch_off_fast is
+    # the host cost the fast path saves.
+    for suffix, fast in (("fast", True), ("public", False)):
+        rows += [(f"fl_patch_{suffix}", lambda fast=fast: fl_patch.patched(kernels=kernels, fast_launch=fast)),
+                 (f"fl_patch_off_{suffix}",
+                  lambda fast=fast: fl_patch.patched(kernels=kernels, profile="off", fast_launch=fast))]
+        if TUNED_PROFILE:
+            rows.append((f"fl_patch_tuned_{suffix}", lambda fast=fast: fl_patch.patched(
+                kernels=kernels, profile=TUNED_PROFILE, fast_launch=fast)))
     rows += [(f"fl_patch_all-{family}",
               (lambda f=family: fl_patch.patched(kernels=kernels, include=[x for x in everything if x != f])))
              for family in FAMILIES]

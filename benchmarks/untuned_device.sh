@@ -30,7 +30,7 @@ bench=(python "$here/benchmarks/bench_e2e.py" --models "${BENCH_MODELS:-llama,qw
 for step in ${steps//,/ }; do
   echo "== $step $(date -u +%H:%M:%S)"
   case $step in
-    first) "${bench[@]}" --variants hf_sdpa,fl_patch,liger --name untuned_first ;;
+    first) "${bench[@]}" --variants hf_sdpa,fl_patch,fl_patch_public,liger --name untuned_first ;;
     second) "${bench[@]}" --variants hf_sdpa,fl_patch --name untuned_second ;;
     trace)
       python "$here/benchmarks/decode_trace.py" --out "$out" --name decode_trace_b1

@@ -105,7 +105,7 @@ case "$part" in
     FL_PATCH_FAST_LAUNCH=1 step tune_fast 150 python3 -m fl_patch tune --out "$out/tuned_fast.json" \
       --families rms_norm,rope,swiglu --budget-s 100
     timeout 300 python3 benchmarks/bench_e2e.py --models llama,qwen3 --parts prefill,decode --rounds 2 --seconds 0.25 \
-      --variants hf_sdpa,fl_patch,fl_patch_off,fl_patch_off_fast,fl_patch_tuned,fl_patch_tuned_fast \
+      --variants hf_sdpa,fl_patch_public,fl_patch_off_public,fl_patch_off_fast,fl_patch_tuned_public,fl_patch_tuned_fast \
       --tuned-profile "$out/tuned_fast.json" --out "$out" --name e2e_fast > "$out/e2e_fast.log" 2>&1
     echo "e2e_fast rc=$?"
     ;;
@@ -116,13 +116,13 @@ case "$part" in
       --families rms_norm,rope,swiglu --budget-s 60
     # Llama alone: with five variants both models took more than 250 s on the H100 (2026-12-07 16:33 UTC)
     timeout 250 python3 benchmarks/bench_e2e.py --models llama --parts prefill,decode --rounds 2 --seconds 0.2 \
-      --variants hf_sdpa,fl_patch,fl_patch_off_fast,fl_patch_tuned_fast \
+      --variants hf_sdpa,fl_patch_public,fl_patch_off_fast,fl_patch_tuned_fast \
       --tuned-profile "$out/tuned_fast.json" --out "$out" --name e2e_fast > "$out/e2e_fast.log" 2>&1
     echo "e2e_fast rc=$?"
     ;;
   suite)  # the GPU suite after kernel or routing changes: fast launch bitwise, then every kernel against native
     step fast_launch 110 python3 tests/gpu/fast_launch_gpu.py "$out/fast_launch.json" --budget 85
-    FL_PATCH_GPU_RESULTS="$out/kernels.json" step kernels 260 python3 -m pytest -q tests/gpu/test_kernels_gpu.py \
+    FL_PATCH_GPU_RESULTS="$out/kernels.json" step kernels 420 python3 -m pytest -q tests/gpu/test_kernels_gpu.py \
       -p no:cacheprovider
     ;;
   check)
