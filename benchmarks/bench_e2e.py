@@ -10,9 +10,10 @@ logit difference from HF default:
     benchmarks/hand_table_profile.json), fl_patch_off (FL_PATCH_PROFILE=off: no routing, every call a kernel
     takes runs FlagGems), fl_patch_fast / fl_patch_off_fast / fl_patch_tuned_fast (the same with the fast launch
     path, docs/fast-launch.md, named: the default since 2026-12-07 18:30 UTC; before, the plain names ran without
-    it), fl_patch_public / fl_patch_off_public / fl_patch_tuned_public (without it), fl_patch_all (every family on FlagGems), fl_patch_all-<family> (each family left
-    out in turn), fl_patch+global (FlagGems aten override too), compile_hf, compile_fl_patch (torch.compile,
-    default mode; fl_patch's FlagGems calls are custom ops there), compile_hf_cudagraphs, compile_fl_patch_cudagraphs
+    it), fl_patch_public / fl_patch_off_public / fl_patch_tuned_public (without it), fl_patch_all (every family on
+    FlagGems), fl_patch_all-<family> (each family left out in turn), fl_patch+global (FlagGems aten override too),
+    compile_hf, compile_fl_patch (torch.compile, default mode; fl_patch's FlagGems calls are custom ops there),
+    compile_hf_cudagraphs, compile_fl_patch_cudagraphs
     (mode="reduce-overhead"), compile_fl_patch_no_packing (default mode plus the opt-in row
     transformers.attention.compiled_no_packing: prefill without a cache gets is_causal), liger (last: it can't revert)
 
