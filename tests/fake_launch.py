@@ -6,7 +6,9 @@ benchmarks/bench_host_cost.py.
   launcher, called as Triton's is (``launcher(gx, gy, gz, stream, function, packed_metadata, launch_metadata,
   enter_hook, exit_hook, *args)``). Its body works like a kernel's: it reaches tensors through their addresses
   (``data_ptr()``) and the strides it is given, never through the Python objects' shapes, so a launch is right
-  only if the addresses are.
+  only if the addresses are. The launcher's outer frame is in a module named as FlagGems' generated code
+  (:data:`LAUNCHER`), as Triton's launcher is Triton's on a GPU: fl_patch/failures.py tells a kernel's own failure
+  from a callback's by the module of each frame.
 - :func:`api` is the matching :class:`~fl_patch.kernels.fast_launch.LaunchApi` ("cpu" tensors, :data:`STATE`'s
   stream and capture flag, launch hooks in :data:`HOOKS`).
 - :data:`gems` holds functions named and called like FlagGems' (``rms_norm``, ``silu_and_mul``,
@@ -16,6 +18,7 @@ benchmarks/bench_host_cost.py.
 
 from __future__ import annotations
 
+import functools
 import math
 from types import SimpleNamespace
 
@@ -24,6 +27,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from fl_patch.kernels import fast_launch
 
+LAUNCHER: dict = {"__name__": "_gen_fake_launcher"}  # the launcher's outer frame (see the module docstring)
+exec("def launcher(kernel, *args):\n    return kernel._launcher(*args)\n", LAUNCHER)
 STATE = SimpleNamespace(stream=7, capturing=False, device=-1, launches=[])  # launches: (kernel name, stream)
 HOOKS = SimpleNamespace(enter=None, exit=None)
 
@@ -56,7 +61,7 @@ class Kernel:
     @property
     def run(self):
         if self._run is None:
-            self._run = self._launcher
+            self._run = functools.partial(LAUNCHER["launcher"], self)
         return self._run
 
     def _launcher(self, gx, gy, gz, stream, function, packed, metadata, enter, leave, *args):
@@ -383,3 +388,4 @@ gems = SimpleNamespace(
     scale_by_raw_pointer=scale_by_raw_pointer, scale_by_descriptor=scale_by_descriptor,
     scale_into_input=scale_into_input,
 )
+

@@ -363,6 +363,31 @@ def test_errors_while_binding_or_launching_leave_the_signature_on_the_public_fun
     assert entry["not_bound"] == {"launch error: RuntimeError": 1} and "launch failed" in caplog.text
 
 
+def test_out_of_memory_in_a_bound_launch_reaches_the_caller_and_the_signature_stays_bound(ops, monkeypatch, caplog):
+    """Not the kernel's failure (fl_patch/failures.py): raised unchanged, once, with no second try on the public
+    function and no warning; the next call launches directly again."""
+    x, y = torch.randn(8), torch.randn(8)
+    for _ in range(2):
+        ops.silu_and_mul(x, y)
+    assert stats(ops, "silu_and_mul")["bound"] == 1
+    tries = []
+
+    def out_of_memory(grid, *args):
+        tries.append(grid)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(fake_launch.SILU_AND_MUL, "body", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        ops.silu_and_mul(x, y)
+    assert len(tries) == 1 and "fast launch of" not in caplog.text
+    monkeypatch.undo()
+    fast_launch.use_api(fake_launch.api())
+    before = stats(ops, "silu_and_mul")["fast_calls"]
+    ops.silu_and_mul(x, y)
+    entry = stats(ops, "silu_and_mul")
+    assert entry["bound"] == 1 and entry["fast_calls"] == before + 1 and not entry["not_bound"]
+
+
 def test_a_replaced_public_function_drops_the_signatures_bound_for_the_old_one(ops, monkeypatch):
     x = torch.randn(8)
     for _ in range(3):

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fl_patch import failures
+
 log = logging.getLogger("fl_patch")
 
 FUNCTIONS = ("rms_norm", "rms_norm_forward", "silu_and_mul", "apply_rotary_pos_emb", "layer_norm")
@@ -640,6 +642,8 @@ def wrap(module, name: str) -> Callable:
             try:
                 out = entry.run(tensors)
             except Exception as exc:
+                if failures.passes_through(exc):  # out of memory, torch's control flow, a hook's: the caller's
+                    raise
                 site.failed(key, exc)
                 return public(*args, **kwargs)
             if out is not ELSEWHERE:
