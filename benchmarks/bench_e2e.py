@@ -33,11 +33,11 @@ Ratios are speed-ups over hf_sdpa in the same run (>1 = faster).
     python benchmarks/bench_e2e.py --quick --parts prefill,compile --variants compile_fl_patch  # + compiled
     python benchmarks/bench_e2e.py --models llama --parts prefill,train # a subset
     python benchmarks/bench_e2e.py --parts prefill,decode --rounds 3    # launch-bound shapes: interleave rounds
+    python benchmarks/bench_e2e.py --parts prefill,decode --rounds 10 --seconds 0.3 --variants fl_patch
 
 With --rounds, each round times every shape with every variant back to back (``--interleave shape``), and "x vs
 HF" is the median of the rounds' ratios: on the lent H100 a decode step's host time drifts by 40-80% for seconds at
 a time (benchmarks/results/untuned-h100/decode_trace_*), so only pairs timed close together compare.
-    python benchmarks/bench_e2e.py --parts prefill,decode --rounds 10 --seconds 0.3 --variants fl_patch
 
 Writes <name>.json and <name>.md to --out; `--combine A.json B.json` merges runs of subsets and draws
 e2e_<model>.png (needs matplotlib).

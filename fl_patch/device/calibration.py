@@ -44,6 +44,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fl_patch.device import profiles
+
 log = logging.getLogger("fl_patch")
 
 SAMPLES = 6  # timed calls a side before a cell becomes a point
@@ -314,7 +316,7 @@ class _Calibration:
         self.path: Path | None = None  # the calibrated profile file of this process's device
         self.device: dict | None = None
         self.versions: dict = {}
-        self.launch = "public"  # how FlagGems is called while measured (fl_patch.device.profiles.LAUNCHES)
+        self.launch = profiles.PUBLIC  # how FlagGems is called while measured (profiles.LAUNCHES)
         self.on_decision: Callable[[str, dict], None] | None = None  # the router's: install a new decision
 
 
@@ -335,7 +337,7 @@ def reset(timer: Timer | None = None) -> None:
 
 
 def start(path: Path, device: dict, versions: dict, points: dict[str, list[dict]],
-          on_decision: Callable[[str, dict], None], launch: str = "public") -> None:
+          on_decision: Callable[[str, dict], None], launch: str = profiles.PUBLIC) -> None:
     """Begin calibrating for the device `device` (its info as a dict): points already known per key (from its
     calibrated profile), the file to merge new ones into, the router's callback for a new decision, and how
     FlagGems is called (`launch`, recorded in the file)."""
@@ -408,12 +410,10 @@ def collect(keyed: KeyState) -> None:
 # ------------------------------------------------------------------------------------------ persistence
 
 
-def profile_data(device: dict, versions: dict, keys: dict[str, dict], launch: str = "public") -> dict:
+def profile_data(device: dict, versions: dict, keys: dict[str, dict], launch: str = profiles.PUBLIC) -> dict:
     """A calibrated profile: per family the decisions of its calibrated forms (``forms``), each with its points
     under the top-level ``calibrated`` field. The family's own decision is native: a form not listed is still
     being measured, and routes by the prior, never by the family's line."""
-    from fl_patch.device import profiles
-
     families: dict[str, dict] = {}
     calibrated: dict[str, dict] = {}
     for key, entry in sorted(keys.items()):
@@ -464,7 +464,8 @@ def save() -> Path | None:
     return path
 
 
-def merge(path: Path, device: dict, versions: dict, mine: dict[str, list[dict]], launch: str = "public") -> dict:
+def merge(path: Path, device: dict, versions: dict, mine: dict[str, list[dict]],
+          launch: str = profiles.PUBLIC) -> dict:
     """Under an exclusive lock on ``<path>.lock``: read `path`'s points, add `mine` (of a (bucket, regime) both
     have, the point resting on more timed calls wins), recompute each key's decision, write atomically."""
     from fl_patch import output_path

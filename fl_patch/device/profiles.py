@@ -177,11 +177,12 @@ def cache_dir(env=None) -> Path:
     return Path(base) / "fl_patch" / "profiles"
 
 
-def file_name(device: dict, flag_gems_version: str | None) -> str:
-    """``nvidia-nvidia-h200-flag_gems-5.0.2.json``: vendor, device name and flag_gems version, slugged."""
+def file_name(device: dict, flag_gems_version: str | None, suffix: str = "") -> str:
+    """``nvidia-nvidia-h200-flag_gems-5.0.2.json``: vendor, device name and flag_gems version, slugged (`suffix`
+    before ``.json``)."""
     parts = [device.get("vendor") or "unknown", device.get("name") or device.get("type") or "device"]
     stem = "-".join(_slug(part) for part in parts)
-    return f"{stem}-flag_gems-{_slug(flag_gems_version or 'none')}.json"
+    return f"{stem}-flag_gems-{_slug(flag_gems_version or 'none')}{suffix}.json"
 
 
 def launch_now() -> str:
@@ -194,8 +195,7 @@ def launch_now() -> str:
 def calibrated_file_name(device: dict, flag_gems_version: str | None, launch: str) -> str:
     """The calibrated profile's file: :func:`file_name`, ``-fast`` before ``.json`` for the fast launch path (what
     one way of calling FlagGems learned says nothing of the other's launch-bound cost)."""
-    name = file_name(device, flag_gems_version)
-    return name[:-len(".json")] + "-fast.json" if launch == FAST else name
+    return file_name(device, flag_gems_version, "-fast" if launch == FAST else "")
 
 
 def _slug(text: str) -> str:
