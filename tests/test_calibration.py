@@ -190,19 +190,27 @@ def test_a_size_outside_the_measured_range_is_measured_when_it_comes(device, fak
         calibration.bucket_of(4096 * 64))[0]
 
 
+def learn_busy_large_and_idle_small(costs, monkeypatch) -> dict:
+    """Apply and calibrate: large calls (4096 rows, 262144 elements) measured while the device is busy, where
+    FlagGems wins; small ones (1 row, 64 elements) while it is idle, where native wins. Returns the switch
+    (``busy["now"]``) the router's business check reads."""
+    busy = {"now": True}
+    monkeypatch.setattr(routing, "_busy", lambda device: busy["now"])
+    fl_patch.apply(kernels="gems", exclude=["attention", "linear"])
+    costs.update(gems=5e-6, native=20e-6)
+    run_until_decided(4096)
+    busy["now"] = False
+    costs.update(gems=60e-6, native=10e-6)
+    run_until_decided(1)
+    return busy
+
+
 def test_flag_gems_is_never_routed_below_the_smallest_size_measured_in_a_regime(device, fake_gems, costs,
                                                                                  monkeypatch):
     """Large calls measured while the device is busy (FlagGems wins there), small ones while it is idle (native
     wins): a small call that finds the device busy stays native. Its size was never measured busy, and on an H100
     such calls went to FlagGems' 60-130 µs call in every decode step (device-bound decided 'gems at every size')."""
-    busy = {"now": True}
-    monkeypatch.setattr(routing, "_busy", lambda device: busy["now"])
-    fl_patch.apply(kernels="gems", exclude=["attention", "linear"])
-    costs.update(gems=5e-6, native=20e-6)
-    run_until_decided(4096)  # 262144 elements, device-bound
-    busy["now"] = False
-    costs.update(gems=60e-6, native=10e-6)
-    run_until_decided(1)  # 64 elements, launch-bound
+    busy = learn_busy_large_and_idle_small(costs, monkeypatch)
     decision = calibration.state(KEY).decision()
     assert decision["route"] == "native"
     assert decision["device_bound"]["route"] == "gems" and decision["device_bound"]["min_elements"] == 2 ** 18
@@ -217,14 +225,7 @@ def test_flag_gems_is_never_routed_below_the_smallest_size_measured_in_a_regime(
 def test_a_calibrated_file_of_an_older_rule_routes_by_todays(device, fake_gems, costs, monkeypatch):
     """A calibrated profile written before the rule above (device-bound 'gems at every size' from points at large
     sizes only) is decided again from its points when read."""
-    busy = {"now": True}
-    monkeypatch.setattr(routing, "_busy", lambda device: busy["now"])
-    fl_patch.apply(kernels="gems", exclude=["attention", "linear"])
-    costs.update(gems=5e-6, native=20e-6)
-    run_until_decided(4096)
-    busy["now"] = False
-    costs.update(gems=60e-6, native=10e-6)
-    run_until_decided(1)
+    busy = learn_busy_large_and_idle_small(costs, monkeypatch)
     fl_patch.revert()
     path = calibrated_file(device)
     data = json.loads(path.read_text())
