@@ -21,6 +21,7 @@
 #   bash tests/gpu/device_proof.sh final OUT      # untuned first process (both models), then `fast` in shorter
 #                                                # budgets: one call
 #   bash tests/gpu/device_proof.sh suite OUT     # fast launch bitwise, then tests/gpu/test_kernels_gpu.py
+#   bash tests/gpu/device_proof.sh fast_proof OUT # fast launch bitwise, then the host-cost table (one short call)
 #   bash tests/gpu/device_proof.sh fast OUT      # fl-patch tune with the fast launch path (rms_norm, rope, swiglu),
 #                                                # then bench_e2e on both models with and without it
 # Needs the wheels of ../shared/gpu/wheels.sh in .whl (and, for `rest`, tests/gpu/export_lightx2v.sh's .lightx2v).
@@ -119,6 +120,10 @@ case "$part" in
       --tuned-profile "$out/tuned_fast.json" --out "$out" --name e2e_fast > "$out/e2e_fast.log" 2>&1
     echo "e2e_fast rc=$?"
     ;;
+  fast_proof)  # after a fast launch change: bitwise against FlagGems' own call, then the host-cost table
+    step fast_launch 130 python3 tests/gpu/fast_launch_gpu.py "$out/fast_launch.json" --budget 110
+    step host_cost 60 python3 benchmarks/bench_host_cost.py --out "$out" --repeats 3
+    ;;
   suite)  # the GPU suite after kernel or routing changes: fast launch bitwise, then every kernel against native
     step fast_launch 110 python3 tests/gpu/fast_launch_gpu.py "$out/fast_launch.json" --budget 85
     FL_PATCH_GPU_RESULTS="$out/kernels.json" step kernels 420 python3 -m pytest -q tests/gpu/test_kernels_gpu.py \
@@ -128,7 +133,8 @@ case "$part" in
     step check 300 python3 -m fl_patch check --json "$out/check.json"
     ;;
   *)
-    echo "device_proof.sh: part $part? accepted: profile, rest, check, tune, qwen3, e2e, pending, next, trace, trace_slow, final, fast, suite" >&2
+    echo "device_proof.sh: part $part? accepted: profile, rest, check, tune, qwen3, e2e, pending, next, trace," \
+      "trace_slow, final, fast, suite, fast_proof" >&2
     exit 2
     ;;
 esac
