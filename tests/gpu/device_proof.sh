@@ -22,6 +22,7 @@
 #                                                # budgets: one call
 #   bash tests/gpu/device_proof.sh suite OUT     # fast launch bitwise, then tests/gpu/test_kernels_gpu.py
 #   bash tests/gpu/device_proof.sh fast_proof OUT # fast launch bitwise, then the host-cost table (one short call)
+#   bash tests/gpu/device_proof.sh kernels OUT    # tests/gpu/test_kernels_gpu.py alone
 #   bash tests/gpu/device_proof.sh fast OUT      # fl-patch tune with the fast launch path (rms_norm, rope, swiglu),
 #                                                # then bench_e2e on both models with and without it
 # Needs the wheels of ../shared/gpu/wheels.sh in .whl (and, for `rest`, tests/gpu/export_lightx2v.sh's .lightx2v).
@@ -129,12 +130,16 @@ case "$part" in
     FL_PATCH_GPU_RESULTS="$out/kernels.json" step kernels 420 python3 -m pytest -q tests/gpu/test_kernels_gpu.py \
       -p no:cacheprovider
     ;;
+  kernels)  # every kernel against native (tests/gpu/test_kernels_gpu.py), alone
+    FL_PATCH_GPU_RESULTS="$out/kernels.json" step kernels 560 python3 -m pytest -q tests/gpu/test_kernels_gpu.py \
+      -p no:cacheprovider
+    ;;
   check)
     step check 300 python3 -m fl_patch check --json "$out/check.json"
     ;;
   *)
     echo "device_proof.sh: part $part? accepted: profile, rest, check, tune, qwen3, e2e, pending, next, trace," \
-      "trace_slow, final, fast, suite, fast_proof" >&2
+      "trace_slow, final, fast, suite, fast_proof, kernels" >&2
     exit 2
     ;;
 esac
