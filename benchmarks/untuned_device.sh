@@ -2,7 +2,7 @@
 # What a chip nobody measured gets: bench_e2e in fresh processes with no profile anywhere (the shipped ones moved
 # aside, an empty user cache), so fl_patch starts from the prior and calibrates on the benchmark's own calls.
 #
-#   bash benchmarks/untuned_device.sh OUT_DIR [first|second|trace|trace_slow|tuned]   (GPU; default: first and second)
+#   bash benchmarks/untuned_device.sh OUT_DIR [first|second|trace|trace_slow|tuned|fast_vs_public]   (GPU; default: first and second)
 #
 # first:  a fresh process on an empty cache: it calibrates while it runs (its JSON says how many calls each key
 #         took, under "calibration").
@@ -13,10 +13,12 @@
 #         gc.freeze() after the first step; and HF alone after FlagGems' first call (no fl_patch).
 # tuned:  `fl-patch tune` into OUT_DIR/tuned.json, then a process with both fl_patch (calibrated) and
 #         fl_patch_tuned (routed by that profile) in the same run.
+# fast_vs_public: that profile (TUNED_PROFILE, or `fl-patch tune` into OUT_DIR/tuned.json) with the fast launch path
+#         (fl_patch_tuned) and without it (fl_patch_tuned_public), and fl_patch_public calibrating without it.
 # The user cache is OUT_DIR/cache (XDG_CACHE_HOME), so a later call can carry it back. BENCH_SECONDS (default
 # 1.0): seconds each shape is timed per round; BENCH_ROUNDS (default 2); BENCH_MODELS (default llama,qwen3).
 set -euo pipefail
-out=${1:?usage: untuned_device.sh OUT_DIR [first|second|trace|trace_slow|tuned]}
+out=${1:?usage: untuned_device.sh OUT_DIR [first|second|trace|trace_slow|tuned|fast_vs_public]}
 steps=${2:-first,second}
 here=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out/cache"
@@ -43,6 +45,12 @@ for step in ${steps//,/ }; do
     tuned)
       python -m fl_patch tune --out "$out/tuned.json" 2>&1 | tail -n 25
       "${bench[@]}" --variants hf_sdpa,fl_patch,fl_patch_tuned,liger --tuned-profile "$out/tuned.json" --name untuned_tuned ;;
-    *) echo "unknown step $step; accepted: first, second, trace, trace_slow, tuned" >&2; exit 2 ;;
+    fast_vs_public)  # a tune profile measured on the fast path, run with and without it, beside the calibrating
+      # fl_patch without it (issue 25's e2e); TUNED_PROFILE: that profile, else `fl-patch tune` makes it here
+      profile=${TUNED_PROFILE:-$out/tuned.json}
+      [ -f "$profile" ] || python -m fl_patch tune --out "$profile" 2>&1 | tail -n 25
+      "${bench[@]}" --variants hf_sdpa,fl_patch_tuned,fl_patch_tuned_public,fl_patch_public --tuned-profile "$profile" \
+        --name untuned_fast_vs_public ;;
+    *) echo "unknown step $step; accepted: first, second, trace, trace_slow, tuned, fast_vs_public" >&2; exit 2 ;;
   esac
 done

@@ -23,6 +23,7 @@
 #   bash tests/gpu/device_proof.sh suite OUT     # fast launch bitwise, then tests/gpu/test_kernels_gpu.py
 #   bash tests/gpu/device_proof.sh fast_proof OUT # fast launch bitwise, then the host-cost table (one short call)
 #   bash tests/gpu/device_proof.sh kernels OUT    # tests/gpu/test_kernels_gpu.py alone
+#   bash tests/gpu/device_proof.sh fast_e2e OUT   # tune on the fast path, then e2e with and without it
 #   bash tests/gpu/device_proof.sh fast OUT      # fl-patch tune with the fast launch path (rms_norm, rope, swiglu),
 #                                                # then bench_e2e on both models with and without it
 # Needs the wheels of ../shared/gpu/wheels.sh in .whl (and, for `rest`, tests/gpu/export_lightx2v.sh's .lightx2v).
@@ -130,6 +131,10 @@ case "$part" in
     FL_PATCH_GPU_RESULTS="$out/kernels.json" step kernels 420 python3 -m pytest -q tests/gpu/test_kernels_gpu.py \
       -p no:cacheprovider
     ;;
+  fast_e2e)  # issue 25's e2e on a card with no profile: `fl-patch tune` on the fast path, then that profile with and
+    # without it and the calibrating fl_patch without it, both models, 3 paired rounds of 0.2 s (~300 s)
+    BENCH_SECONDS=0.2 BENCH_ROUNDS=3 step fast_e2e 420 bash benchmarks/untuned_device.sh "$out/untuned" fast_vs_public
+    ;;
   kernels)  # every kernel against native (tests/gpu/test_kernels_gpu.py), alone
     FL_PATCH_GPU_RESULTS="$out/kernels.json" step kernels 560 python3 -m pytest -q tests/gpu/test_kernels_gpu.py \
       -p no:cacheprovider
@@ -139,7 +144,7 @@ case "$part" in
     ;;
   *)
     echo "device_proof.sh: part $part? accepted: profile, rest, check, tune, qwen3, e2e, pending, next, trace," \
-      "trace_slow, final, fast, suite, fast_proof, kernels" >&2
+      "trace_slow, final, fast, suite, fast_proof, kernels, fast_e2e" >&2
     exit 2
     ;;
 esac
