@@ -214,11 +214,12 @@ def fl_patch_cases(env: Env) -> list[Case]:
             lambda r=r: (r(16, h), r(16, h), r(h), 1e-6))
         add("silu_and_mul", "swiglu.gems", name, f"16x1x{mlp}", swiglu.gems, lambda r=r: (r(16, 1, mlp), r(16, 1, mlp)))
 
-        def hf_rope(b, s, per_row=False, r=r):
-            """HF's q, k: (B, S, H, D) projections viewed as (B, H, S, D); cos, sin (1 or B, S, D) of equal halves."""
+        def hf_rope(b, s, per_row=False, rotary=d, r=r):
+            """HF's q, k: (B, S, H, D) projections viewed as (B, H, S, D); cos, sin (1 or B, S, rotary) of equal
+            halves."""
             q = r(b, s, qh, d).transpose(1, 2)
             k = r(b, s, kh, d).transpose(1, 2)
-            freqs = torch.randn(b if per_row else 1, s, d // 2, device=env.device)
+            freqs = torch.randn(b if per_row else 1, s, rotary // 2, device=env.device)
             emb = torch.cat((freqs, freqs), dim=-1)
             return q, k, emb.cos().to(q.dtype), emb.sin().to(q.dtype), 1
 
@@ -228,6 +229,10 @@ def fl_patch_cases(env: Env) -> list[Case]:
             lambda f=hf_rope: f(2, 128))
         add("apply_rotary_pos_emb", "rope.gems_hf, cos per batch row", name, f"q 4x{qh}x1x{d}", rope.gems_hf,
             lambda f=hf_rope: f(4, 1, per_row=True))
+        add("apply_rotary_pos_emb", "rope.gems_hf, cos per batch row", name, f"q 16x{qh}x1x{d}", rope.gems_hf,
+            lambda f=hf_rope: f(16, 1, per_row=True))
+        add("apply_rotary_pos_emb", "rope.gems_hf, partial rotary (Phi-3)", name, f"q 16x{qh}x1x{d}, rotary {d // 2}",
+            rope.gems_hf, lambda f=hf_rope: f(16, 1, per_row=True, rotary=d // 2))
 
         def lightx2v(r=r):
             s = 64
