@@ -195,6 +195,64 @@ def test_calls_a_direct_launch_would_get_wrong_are_never_bound(ops, name, reason
     assert entry["public_calls"] == {fast_launch.RECORDING: fast_launch.RECORDINGS, reason: 1}
 
 
+def test_a_direct_launch_that_does_not_reproduce_the_public_call_is_never_bound(ops, monkeypatch, caplog):
+    """Before a signature binds, its plan is launched once on the binding call's inputs and compared with the result
+    FlagGems' own call returned: a kernel whose direct launch gives other numbers (here one that reads a launch
+    counter, as a binding this module got wrong on an unknown Triton would read the wrong memory) never binds, and
+    no caller gets the plan's result."""
+    launches = []
+
+    def body(grid, out, x, n):
+        launches.append(grid)
+        fake_launch.at(out, torch.float32, (n,), (1,)).copy_(fake_launch.at(x, torch.float32, (n,), (1,))
+                                                             + len(launches))
+
+    kernel = fake_launch.Kernel("drifting_kernel", [("out", "*fp32"), ("x", "*fp32"), ("n", "i32")], body)
+
+    def drifting(x):
+        out = torch.empty_like(x)
+        kernel[(1,)](out, x, x.numel())
+        return out
+
+    monkeypatch.setattr(fake_launch.gems, "drifting", drifting, raising=False)
+    fast = fast_launch.wrap(fake_launch.gems, "drifting")
+    x = torch.zeros(4)
+    with caplog.at_level(logging.WARNING, logger="fl_patch"):
+        outs = [fast(x) for _ in range(5)]
+    assert fast.site.stats() == {"bound": 0, "fast_calls": 0, "recording": 0,
+                                 "not_bound": {fast_launch.DIFFERED: 1},
+                                 "public_calls": {fast_launch.RECORDING: 2, fast_launch.DIFFERED: 3}}
+    # every caller got FlagGems' own result: launches 1, 2, then the check's (3), then 4, 5, 6
+    assert [int(out[0]) for out in outs] == [1, 2, 4, 5, 6]
+    assert "did not reproduce FlagGems' own call" in caplog.text
+
+
+def test_the_check_before_binding_is_not_counted_as_a_call(ops):
+    x, weight = bf16(4, 64), bf16(64)
+    before = len(fake_launch.STATE.launches)
+    for _ in range(3):
+        ops.rms_norm(x, (64,), weight, 1e-6)
+    assert stats(ops, "rms_norm")["fast_calls"] == 1  # the third call; the second's check launched once more
+    assert len(fake_launch.STATE.launches) - before == 4
+
+
+def test_out_of_memory_in_the_check_leaves_the_signature_to_a_later_call(ops, monkeypatch):
+    x, weight = bf16(4, 64), bf16(64)
+    original = fast_launch._Plan.run
+    raised = []
+
+    def short_of_memory_once(self, tensors):
+        if not raised:
+            raised.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return original(self, tensors)
+
+    monkeypatch.setattr(fast_launch._Plan, "run", short_of_memory_once)
+    outs = [ops.rms_norm(x, (64,), weight, 1e-6) for _ in range(4)]
+    assert all(equal(out, fake_launch.rms_norm(x, (64,), weight, 1e-6)) for out in outs)
+    assert raised and stats(ops, "rms_norm")["bound"] == 1  # the fourth call's check passed
+
+
 def test_aliased_inputs_are_never_bound(ops):
     x = torch.randn(4, 32)
     for _ in range(fast_launch.RECORDINGS):

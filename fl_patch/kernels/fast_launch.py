@@ -12,7 +12,9 @@ strides, dtypes, devices and 16-byte alignment of the tensors, every other argum
    operation it runs is seen through a dispatch mode;
 2. binds, when two consecutive recordings agree: each launch argument is one of the call's input tensors (same
    address), one of the tensors the call returns (allocated fresh per call, same shape, strides and dtype), a
-   scratch tensor allocated inside the call and not returned, or a constant;
+   scratch tensor allocated inside the call and not returned, or a constant; and only once the plan, launched on
+   the binding call's own inputs, gives the result FlagGems' own call just returned, bitwise (checked once per
+   signature, on the device: a binding wrong on a Triton or device nobody checked never reaches a caller);
 3. launches later calls of the signature directly: allocate the outputs, put the call's tensors in place, call the
    compiled kernel's launcher on the current stream of the tensors' device.
 
@@ -21,8 +23,9 @@ stream (a copy, a reduction or a fill in torch would be skipped by a direct laun
 written by a launch, and if no pointer argument is a raw integer. Anything it can't bind runs the public function,
 counted per reason in :func:`stats`: calls that need autograd, a CUDA graph capture before the signature is bound
 (recording never runs inside a capture), launches that differ from one call to the next (autotuning settles within
-the recordings; anything else is data-dependent), a Triton without the launcher API used here (detected once), and
-any exception while binding or launching (the signature then stays on the public function). A bound launch inside
+the recordings; anything else is data-dependent), a direct launch that did not reproduce the public call's result,
+a Triton without the launcher API used here (detected once), and any exception while binding or launching (the
+signature then stays on the public function). A bound launch inside
 a CUDA graph capture is captured like any launch on that stream. Calls made while torch.compile traces run the
 public function too, uncounted (a counter inside a trace would be replayed by every compiled call); fl_patch's
 kernels reach FlagGems through its custom ops there (``fl_patch.kernels.custom_ops``), whose real functions, run by
@@ -65,6 +68,7 @@ NESTED = "called while recording"
 FULL = "signature table full"
 NOT_CURRENT = "tensors not on the current device"
 DIFFERENT = "launches differ between calls"
+DIFFERED = "direct launch differed from FlagGems' own call"
 
 ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
 VIEWS = frozenset({"_unsafe_view", "alias", "detach", "view", "_reshape_alias"})  # besides ops marked is_view
@@ -481,6 +485,17 @@ class _Plan:
         return kept
 
 
+def _same(a, b) -> bool:
+    """Whether two results are bitwise the same: tensors of one shape, strides and dtype with equal values (a NaN
+    is never equal: such a signature stays on the public function), the same structure around them."""
+    if type(a) is torch.Tensor:
+        return (type(b) is torch.Tensor and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+                and torch.equal(a, b))
+    if type(a) in (tuple, list):
+        return type(b) is type(a) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a is b
+
+
 def _first_or(index: int, outputs: list):
     return outputs[index]
 
@@ -493,12 +508,14 @@ def _allocator(shape: tuple, stride: tuple, dtype: torch.dtype, device: torch.de
 
 
 class _Pending:
-    """A signature being recorded: the last recording's fingerprint, how many were made, the last problem."""
+    """A signature being recorded: the last recording's fingerprint, how many were made, the last problem, and
+    whether a thread is checking a plan for it (:meth:`_Site._admit`)."""
 
     def __init__(self):
         self.fingerprint = None
         self.recorded = 0
         self.problem = DIFFERENT
+        self.checking = False
 
 
 class _Never:
@@ -553,8 +570,44 @@ class _Site:
         except Exception as exc:  # a layout this module doesn't know: never wrong, stay on the public function
             self._recorded(key, None, None, f"binding error: {type(exc).__name__}", api)
         else:
-            self._recorded(key, fingerprint, parts, None, api)
+            plan = self._recorded(key, fingerprint, parts, None, api)
+            if plan is not None:
+                self._admit(key, plan, tensors, result)
         return result
+
+    def _admit(self, key, plan: _Plan, tensors: list, result) -> None:
+        """Bind `plan` for `key` only if its direct launch on this call's own inputs gives the result FlagGems' own
+        call just returned, bitwise (same shapes, strides, dtypes, values): a binding this module got wrong on a
+        device and Triton nobody checked stays on the public function instead of reaching a caller. Once per
+        signature: one more launch and a comparison that waits for the device. The caller's call has its result
+        already: an error that only passes through the check (out of memory, fl_patch/failures.py) leaves the
+        signature to be checked by a later call instead of reaching the caller; an interrupt does reach it."""
+        try:
+            out = plan.run(tensors)
+        except Exception as exc:
+            if failures.passes_through(exc):
+                self._unchecked(key)
+                return
+            reason = f"launch error: {type(exc).__name__}"
+        except BaseException:
+            self._unchecked(key)
+            raise
+        else:
+            reason = NOT_CURRENT if out is ELSEWHERE else (None if _same(out, result) else DIFFERED)
+        plan.calls = 0  # the check is not a caller's call
+        with self.lock:
+            if type(self.entries.get(key)) is not _Pending:
+                return  # cleared meanwhile (a new public function)
+            self.entries[key] = plan if reason is None else _Never(reason)
+        if reason is not None and reason != NOT_CURRENT:
+            log.warning("fl_patch: fast launch of flag_gems.%s: a signature's direct launch did not reproduce"
+                        " FlagGems' own call (%s); it runs FlagGems' own call", self.name, reason)
+
+    def _unchecked(self, key) -> None:
+        with self.lock:
+            entry = self.entries.get(key)
+            if type(entry) is _Pending:
+                entry.checking = False
 
     def _not_now(self, key, entry, tensors: list, api: LaunchApi) -> str | None:
         """Why this call can't be recorded, or None."""
@@ -573,24 +626,26 @@ class _Site:
             return CAPTURING
         return None
 
-    def _recorded(self, key, fingerprint, parts, problem: str | None, api: LaunchApi) -> None:
-        """Take one recording into the table (under the lock): bind on the second equal one in a row; after
-        RECORDINGS without, stay on the public function."""
+    def _recorded(self, key, fingerprint, parts, problem: str | None, api: LaunchApi) -> _Plan | None:
+        """Take one recording into the table (under the lock): on the second equal one in a row, the plan to bind
+        (:meth:`_admit` checks it first); after RECORDINGS without, stay on the public function."""
         with self.lock:
             entry = self.entries.get(key)
             if entry is None:
                 if len(self.entries) >= SIGNATURES:
-                    return
+                    return None
                 entry = self.entries[key] = _Pending()
-            if type(entry) is not _Pending:
-                return  # another thread bound it, or gave up on it
+            if type(entry) is not _Pending or entry.checking:
+                return None  # another thread bound it, gave up on it, or is checking a plan for it
             entry.recorded += 1
             if problem is None and fingerprint == entry.fingerprint:
                 try:
-                    self.entries[key] = _Plan(api, **parts)
+                    plan = _Plan(api, **parts)
                 except Exception as exc:  # never wrong: stay on the public function
                     self.entries[key] = _Never(f"binding error: {type(exc).__name__}")
-                return
+                    return None
+                entry.checking = True
+                return plan
             entry.fingerprint = fingerprint
             if problem is not None:
                 entry.problem = problem
@@ -598,6 +653,7 @@ class _Site:
                 self.entries[key] = _Never(entry.problem)
                 log.info("fl_patch: fast launch of flag_gems.%s stays off for a signature (%s)", self.name,
                          entry.problem)
+        return None
 
     def failed(self, key, exc: Exception) -> None:
         """A bound launch raised: that signature stays on the public function from now on."""
