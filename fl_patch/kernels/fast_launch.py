@@ -25,11 +25,10 @@ counted per reason in :func:`stats`: calls that need autograd, a CUDA graph capt
 (recording never runs inside a capture), launches that differ from one call to the next (autotuning settles within
 the recordings; anything else is data-dependent), a direct launch that did not reproduce the public call's result,
 a Triton without the launcher API used here (detected once), and any exception while binding or launching (the
-signature then stays on the public function). A bound launch inside
-a CUDA graph capture is captured like any launch on that stream. Calls made while torch.compile traces run the
-public function too, uncounted (a counter inside a trace would be replayed by every compiled call); fl_patch's
-kernels reach FlagGems through its custom ops there (``fl_patch.kernels.custom_ops``), whose real functions, run by
-the compiled graph, take this path.
+signature then stays on the public function). A bound launch inside a CUDA graph capture is captured like any
+launch on that stream. Calls made while torch.compile traces run the public function too, uncounted (a counter
+inside a trace would be replayed by every compiled call); fl_patch's kernels reach FlagGems through its custom ops
+there (``fl_patch.kernels.custom_ops``), whose real functions, run by the compiled graph, take this path.
 
 Thread safety: the signature table is read without a lock and changed under one; each thread records only its own
 launches. Counters are updated without a lock (exact for one thread, a lower bound otherwise), as
@@ -536,6 +535,7 @@ class _Site:
         self.entries: dict = {}  # signature key -> _Plan | _Pending | _Never; read without the lock
         self.lock = threading.Lock()
         self.public_calls: dict[str, int] = {}
+        self.warned = False  # a checked plan was refused and said so
 
     def renew(self, public: Callable) -> None:
         """Take `public` as the function from now on, dropping every signature of the one before."""
@@ -600,8 +600,10 @@ class _Site:
                 return  # cleared meanwhile (a new public function)
             self.entries[key] = plan if reason is None else _Never(reason)
         if reason is not None and reason != NOT_CURRENT:
-            log.warning("fl_patch: fast launch of flag_gems.%s: a signature's direct launch did not reproduce"
-                        " FlagGems' own call (%s); it runs FlagGems' own call", self.name, reason)
+            level = logging.INFO if self.warned else logging.WARNING  # once per function; the count says the rest
+            self.warned = True
+            log.log(level, "fl_patch: fast launch of flag_gems.%s: a signature's direct launch did not reproduce"
+                    " FlagGems' own call (%s); it runs FlagGems' own call", self.name, reason)
 
     def _unchecked(self, key) -> None:
         with self.lock:
