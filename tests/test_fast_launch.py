@@ -232,6 +232,18 @@ def test_a_direct_launch_that_does_not_reproduce_the_public_call_is_never_bound(
     assert caplog.text.count("did not reproduce FlagGems' own call") == 1
 
 
+def test_the_check_compares_bits_so_a_nan_result_still_binds(ops):
+    weight = bf16(64)
+    for _ in range(3):
+        x = bf16(4, 64)
+        x[1, 3] = float("nan")  # a row of NaN out: the same bits from both launches
+        out = ops.rms_norm(x, (64,), weight, 1e-6)
+        assert equal(out.view(torch.int16), fake_launch.rms_norm(x, (64,), weight, 1e-6).view(torch.int16))
+    assert stats(ops, "rms_norm")["bound"] == 1 and stats(ops, "rms_norm")["fast_calls"] == 1
+    assert not fast_launch._same(torch.tensor([0.0]), torch.tensor([-0.0]))  # bits, not values
+    assert not fast_launch._same(torch.zeros(2, 2), torch.zeros(2, 2).t().contiguous().t())  # strides too
+
+
 def test_the_check_before_binding_is_not_counted_as_a_call(ops):
     x, weight = bf16(4, 64), bf16(64)
     before = len(fake_launch.STATE.launches)
