@@ -388,4 +388,3 @@ gems = SimpleNamespace(
     scale_by_raw_pointer=scale_by_raw_pointer, scale_by_descriptor=scale_by_descriptor,
     scale_into_input=scale_into_input,
 )
-

@@ -391,15 +391,15 @@ def _start_learning(lookup: profiles.Lookup, info) -> None:
     was found) for this process's device."""
     if _routing.kernels != "gems":
         return
-    versions = verification.stack()
-    name = profiles.file_name(info.as_dict(), versions["flag_gems"])
+    versions, device = verification.stack(), info.as_dict()
+    name = profiles.file_name(device, versions["flag_gems"])
     verification.start(profiles.cache_dir() / "checks" / name, versions, info.label(), _keep_native)
     profile = lookup.profile
     if _routing.calibrate and (profile is None or profile.calibrated):
         known = calibration.points_of(profile.data) if profile is not None else {}
         launch = profiles.launch_now()
-        path = profiles.calibrated_dir() / profiles.calibrated_file_name(info.as_dict(), versions["flag_gems"], launch)
-        calibration.start(path, info.as_dict(), versions, known, _learned, launch)
+        path = profiles.calibrated_dir() / profiles.calibrated_file_name(device, versions["flag_gems"], launch)
+        calibration.start(path, device, versions, known, _learned, launch)
 
 
 def _say(lookup: profiles.Lookup, info) -> None:
