@@ -11,7 +11,7 @@ import torch
 import fake_launch
 import fl_patch
 from fl_patch import runtime, settings
-from fl_patch.kernels import fast_launch, gems, rms_norm
+from fl_patch.kernels import fast_launch, gems, rms_norm, rope
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def ops(monkeypatch):
 
 
 def stats(ops, name):
-    return getattr(ops, name).site.stats()
+    return next(site for site in ops.sites() if site.name == name).stats()
 
 
 def counting(monkeypatch, name):
@@ -471,6 +471,74 @@ def test_a_replaced_public_function_drops_the_signatures_bound_for_the_old_one(o
     monkeypatch.setattr(fake_launch.gems, "autotuned_scale", lambda x, factor: x * factor + 1)
     assert torch.equal(ops.autotuned_scale(x, 2.0), x * 2.0 + 1)
     assert stats(ops, "autotuned_scale")["bound"] == 0
+
+
+# ------------------------------------------------------------------------------------------------ composites
+
+def hf_rope_args(batch, seq, unsqueeze_dim=1, per_row=False, heads=4, kv_heads=2, dim=16):
+    """q, k as HF's attention gives them (a (B, S, H*D) projection viewed per head; transposed for
+    ``unsqueeze_dim=1``) and cos, sin with equal halves, one row per position (per batch row with `per_row`)."""
+    q = bf16(batch, seq, heads * dim).view(batch, seq, heads, dim)
+    k = bf16(batch, seq, kv_heads * dim).view(batch, seq, kv_heads, dim)
+    if unsqueeze_dim == 1:
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    freqs = torch.randn(batch if per_row else 1, seq, dim // 2)
+    cos, sin = torch.cat((freqs.cos(), freqs.cos()), -1), torch.cat((freqs.sin(), freqs.sin()), -1)
+    return q, k, cos.to(torch.bfloat16), sin.to(torch.bfloat16), unsqueeze_dim
+
+
+class OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the torch ops run while it is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("layout", [dict(batch=16, seq=1, per_row=True), dict(batch=1, seq=1),
+                                    dict(batch=2, seq=5), dict(batch=3, seq=4, per_row=True),
+                                    dict(batch=2, seq=5, unsqueeze_dim=2), dict(batch=4, seq=1, unsqueeze_dim=2,
+                                                                                per_row=True)])
+def test_hf_rope_binds_as_one_call_on_the_callers_q_and_k_and_takes_no_view(ops, layout):
+    """rope.gems_hf's views into FlagGems' layout and back are part of the bound call: a bound call allocates the
+    two outputs and launches, nothing else, and gives FlagGems' own results in the same layout."""
+    fast, public = gems.calling_through(ops, rope.gems_hf), gems.calling_through(fake_launch.gems, rope.gems_hf)
+    _, _, cos, sin, _ = hf_rope_args(**layout)  # one table per forward, as HF passes it to every layer
+    for call in range(4):
+        q, k, _, _, unsqueeze_dim = hf_rope_args(**layout)
+        with OpNames() as seen:
+            out = fast(q, k, cos, sin, unsqueeze_dim)
+        assert equal(out, public(q, k, cos, sin, unsqueeze_dim)), call
+    assert stats(ops, "rope.gems_hf_full") == {"bound": 1, "fast_calls": 2, "recording": 0, "not_bound": {},
+                                               "public_calls": {fast_launch.RECORDING: 2}}
+    assert set(seen.names) <= fast_launch.ALLOCATIONS and len(seen.names) == 2, seen.names
+    assert stats(ops, "apply_rotary_pos_emb")["fast_calls"] == 0  # the composite's FlagGems call is its own
+
+
+def test_hf_rope_in_a_layout_that_needs_a_copy_stays_on_its_body(ops):
+    fast, public = gems.calling_through(ops, rope.gems_hf), gems.calling_through(fake_launch.gems, rope.gems_hf)
+    for _ in range(fast_launch.RECORDINGS + 2):
+        q, k, cos, sin, unsqueeze_dim = hf_rope_args(3, 4, per_row=True)
+        q = bf16(3, 5, 4, 16)[:, :4].transpose(1, 2)  # batch and sequence can't be merged: copied
+        assert equal(fast(q, k, cos, sin, unsqueeze_dim), public(q, k, cos, sin, unsqueeze_dim))
+    entry = stats(ops, "rope.gems_hf_full")
+    assert entry["bound"] == 0 and list(entry["not_bound"]) == ["torch work in the call: aten.clone"]
+    assert "rope.gems_hf_full 0 bound / 0 calls" in fast_launch.summary_line()
+
+
+def test_a_replaced_flag_gems_function_drops_the_composites_bound_on_it(ops, monkeypatch):
+    fast = gems.calling_through(ops, rope.gems_hf)
+    args = hf_rope_args(16, 1, per_row=True)
+    for _ in range(3):
+        fast(*args)
+    assert stats(ops, "rope.gems_hf_full")["bound"] == 1
+    calls = counting(monkeypatch, "apply_rotary_pos_emb")
+    assert equal(fast(*args), gems.calling_through(fake_launch.gems, rope.gems_hf)(*args))
+    assert calls == ["apply_rotary_pos_emb"] * 2 and stats(ops, "rope.gems_hf_full")["bound"] == 0
 
 
 def test_threads_calling_one_signature_get_right_results_and_bind_it_once(ops, monkeypatch):

@@ -537,21 +537,29 @@ class _Never:
 # ---------------------------------------------------------------------------------------------------- sites
 
 class _Site:
-    """One FlagGems function on the fast path: its signature table and counters."""
+    """One FlagGems function on the fast path (or a composite of fl_patch's around it, see :func:`wrap`): its
+    signature table and counters. ``function``: the FlagGems function as last looked up; ``public``: what a call
+    the bound plan doesn't take runs (that function, or the composite's body with the module)."""
 
-    def __init__(self, name: str, public: Callable):
+    def __init__(self, name: str, module, function: Callable, body: Callable | None = None):
         self.name = name
-        self.public = public
+        self.module = module
+        self.body = body
+        self.function, self.public = function, self._public(function)
         self.entries: dict = {}  # signature key -> _Plan | _Pending | _Never; read without the lock
         self.lock = threading.Lock()
         self.public_calls: dict[str, int] = {}
         self.warned = False  # a checked plan was refused and said so
 
-    def renew(self, public: Callable) -> None:
-        """Take `public` as the function from now on, dropping every signature of the one before."""
+    def _public(self, function: Callable) -> Callable:
+        return function if self.body is None else functools.partial(self.body, self.module)
+
+    def renew(self, function: Callable) -> None:
+        """Take `function` as the FlagGems function from now on, dropping every signature bound for the one
+        before."""
         with self.lock:
-            if public is not self.public:
-                self.public, self.entries = public, {}
+            if function is not self.function:
+                self.function, self.public, self.entries = function, self._public(function), {}
 
     def count(self, reason: str) -> None:
         calls = self.public_calls
@@ -688,17 +696,25 @@ class _Site:
                 "public_calls": dict(self.public_calls)}
 
 
-def wrap(module, name: str) -> Callable:
+def wrap(module, name: str, body: Callable | None = None) -> Callable:
     """``module.<name>`` (a FlagGems function) on the fast path: same arguments, same results, bitwise. The
     function is looked up on every call: when it changes (a patch, a vendor override), the signatures bound for
-    the old one are dropped."""
-    site = _Site(name, getattr(module, name))
+    the old one are dropped.
+
+    With `body`, the call bound is ``body(module, *args)`` instead: a function of fl_patch's that takes views of its
+    tensors, calls ``module.<name>`` on them and returns views of its results (:meth:`FastOps.composed`). Views are
+    not work a launch skips (their addresses are the caller's tensors' and the outputs'), so its signature binds
+    like a FlagGems function's, keyed on the caller's tensors, and a bound call takes none of the views: each costs
+    a microsecond of host time. A body that copies (torch work) stays on ``body`` for that signature."""
+    site = _Site(name if body is None else f"{body.__module__.rsplit('.', 1)[-1]}.{body.__name__}", module,
+                 getattr(module, name), body)
     is_compiling = torch.compiler.is_compiling
 
     def fast(*args, **kwargs):
-        public = getattr(module, name)
-        if public is not site.public:
-            site.renew(public)
+        function = getattr(module, name)
+        if function is not site.function:
+            site.renew(function)
+        public = site.public
         if is_compiling():  # not counted: inside a trace a counter would be replayed by every compiled call
             return public(*args, **kwargs)
         key, tensors, reason = signature(args, kwargs)
@@ -718,8 +734,9 @@ def wrap(module, name: str) -> Callable:
                 return out
         return site.slow(key, entry, tensors, args, kwargs)
 
-    fast.__name__ = fast.__qualname__ = name
-    fast.__doc__ = f"flag_gems.{name} on fl_patch's fast launch path (fl_patch.kernels.fast_launch)."
+    fast.__name__ = fast.__qualname__ = site.name
+    fast.__doc__ = f"{'flag_gems.' if body is None else ''}{site.name} on fl_patch's fast launch path" \
+        " (fl_patch.kernels.fast_launch)."
     fast.site = site
     return fast
 
@@ -733,10 +750,25 @@ class FastOps:
         self.names = tuple(name for name in names if callable(getattr(module, name, None)))
         for name in self.names:
             setattr(self, name, wrap(module, name))
+        self.composites: dict[Callable, Callable] = {}  # body -> its fast path (see composed)
         _current["ops"] = self
 
     def __getattr__(self, name: str):
         return getattr(self.module, name)
+
+    def composed(self, name: str, body: Callable) -> Callable:
+        """``body(module, *args)`` on the fast path as one call, bound on the caller's tensors (:func:`wrap` with
+        `body`): `body` takes views of its tensors, calls FlagGems' `name` and returns views of the results.
+        Called as ``composed(name, body)(*args)``."""
+        fast = self.composites.get(body)
+        if fast is None:
+            fast = self.composites.setdefault(body, wrap(self.module, name, body))  # one wrapper, even when raced
+        return fast
+
+    def sites(self) -> list:
+        """The fast path's sites: one per function of ``names``, then one per composite."""
+        composites = list(self.composites.values())  # a copy: another thread may add one
+        return [self.__dict__[name].site for name in self.names] + [fast.site for fast in composites]
 
 
 _current: dict = {}  # "ops": the FastOps made last (what gems.ops() hands out), for stats()
@@ -747,7 +779,7 @@ def stats() -> dict:
     signatures bound, calls launched directly, signatures left on the public function per reason, and public calls
     per reason."""
     ops = _current.get("ops")
-    functions = {name: ops.__dict__[name].site.stats() for name in ops.names} if ops is not None else {}
+    functions = {site.name: site.stats() for site in ops.sites()} if ops is not None else {}
     return {"api": _api.name if _api is not None else None, "api_problem": _api_problem, "functions": functions}
 
 

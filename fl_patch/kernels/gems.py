@@ -10,6 +10,7 @@ so that they stay cheap and this module stays light.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -186,6 +187,18 @@ def _make_ops():
             else:
                 _ops = module
         return _ops
+
+
+def composed(ops, name: str, body: Callable) -> Callable:
+    """``body(ops, *args)`` as one call, called as ``composed(ops, name, body)(*args)``: `body` takes views of its
+    tensors, calls FlagGems' `name` through `ops` and returns views of the results. On the fast launch path (`ops`
+    a FastOps) that call is bound on the caller's tensors, so a bound call takes none of the views
+    (:meth:`fl_patch.kernels.fast_launch.FastOps.composed`); otherwise (FlagGems' module, the compiled stand-in)
+    it is `body` with `ops`."""
+    compose = getattr(type(ops), "composed", None)
+    if compose is None:
+        return functools.partial(body, ops)
+    return compose(ops, name, body)
 
 
 def calling_through(ops, fn: Callable) -> Callable:

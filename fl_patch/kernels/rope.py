@@ -65,25 +65,43 @@ def gems_hf(
     """
     flag_gems = gems.ops()
     folded = cos.shape[0] != 1 and q.shape[0] != 1  # a table row per (batch row, position): one long sequence
-    if folded:
-        q_tokens, k_tokens = _folded(q, unsqueeze_dim), _folded(k, unsqueeze_dim)
-    else:  # position = token % sequence
-        q_tokens, k_tokens = _tokens_first(q, unsqueeze_dim), _tokens_first(k, unsqueeze_dim)
     cos_table, sin_table = _hf_table(cos, sin)
     rotary_dim = cos.shape[-1]
-    if rotary_dim == q_tokens.shape[3]:
-        q_out, k_out = flag_gems.apply_rotary_pos_emb(q_tokens, k_tokens, cos_table, sin_table)
-    else:
-        q_rot, k_rot = flag_gems.apply_rotary_pos_emb(
-            q_tokens[..., :rotary_dim], k_tokens[..., :rotary_dim], cos_table, sin_table
-        )
-        q_out = torch.cat((q_rot, q_tokens[..., rotary_dim:]), dim=-1)
-        k_out = torch.cat((k_rot, k_tokens[..., rotary_dim:]), dim=-1)
+    if rotary_dim == q.shape[3]:
+        return gems.composed(flag_gems, "apply_rotary_pos_emb", gems_hf_full)(
+            q, k, cos_table, sin_table, unsqueeze_dim, folded)
+    q_tokens, k_tokens = _tokens(q, unsqueeze_dim, folded), _tokens(k, unsqueeze_dim, folded)
+    q_rot, k_rot = flag_gems.apply_rotary_pos_emb(
+        q_tokens[..., :rotary_dim], k_tokens[..., :rotary_dim], cos_table, sin_table
+    )
+    q_out = torch.cat((q_rot, q_tokens[..., rotary_dim:]), dim=-1)
+    k_out = torch.cat((k_rot, k_tokens[..., rotary_dim:]), dim=-1)
+    return _in_layout(q_out, q.shape, unsqueeze_dim, folded), _in_layout(k_out, k.shape, unsqueeze_dim, folded)
+
+
+def gems_hf_full(
+    flag_gems, q: torch.Tensor, k: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, unsqueeze_dim: int,
+    folded: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``gems_hf`` with every channel rotated, once the tables are made: FlagGems' call between views of q and k
+    in its layout and views of its outputs in theirs. On the fast launch path it is bound as one call on the caller's
+    q and k (``gems.composed``): a bound call takes none of the four views (a microsecond of host time each at
+    decode) and allocates the outputs in the caller's layout."""
+    q_tokens, k_tokens = _tokens(q, unsqueeze_dim, folded), _tokens(k, unsqueeze_dim, folded)
+    q_out, k_out = flag_gems.apply_rotary_pos_emb(q_tokens, k_tokens, cos_table, sin_table)
+    return _in_layout(q_out, q.shape, unsqueeze_dim, folded), _in_layout(k_out, k.shape, unsqueeze_dim, folded)
+
+
+def _tokens(x: torch.Tensor, unsqueeze_dim: int, folded: bool) -> torch.Tensor:
+    """x in FlagGems' layout: batch folded into one sequence, or ``(B, S, H, D)`` (position = token % sequence)."""
+    return _folded(x, unsqueeze_dim) if folded else _tokens_first(x, unsqueeze_dim)
+
+
+def _in_layout(out: torch.Tensor, shape: torch.Size, unsqueeze_dim: int, folded: bool) -> torch.Tensor:
+    """The kernel's output (in FlagGems' layout, as `_tokens` gave) in the caller's layout `shape`."""
     if folded:
-        return _unfolded(q_out, q.shape, unsqueeze_dim), _unfolded(k_out, k.shape, unsqueeze_dim)
-    if unsqueeze_dim == 1:
-        return q_out.transpose(1, 2), k_out.transpose(1, 2)
-    return q_out, k_out
+        return _unfolded(out, shape, unsqueeze_dim)
+    return out.transpose(1, 2) if unsqueeze_dim == 1 else out
 
 
 def _tokens_first(x: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:

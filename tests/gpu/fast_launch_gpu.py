@@ -12,7 +12,8 @@ Not a pytest module. Two groups of cases:
   (4 x 2048 rows), odd sizes, an input 2 bytes off 16-byte alignment, and non-contiguous inputs (q, k as slices of a
   fused projection, gate and up as halves of one tensor, a transposed x);
 - ``fl_patch``: fl_patch's kernel functions (``rms_norm.gems_hf`` / ``gems_gemma`` / ``gems_fp32`` / ``gems_torch``
-  / ``gems_gated``, ``swiglu.gems``, ``rope.gems_hf`` with HF's transposed q and k, ``rope.gems_interleaved``,
+  / ``gems_gated``, ``swiglu.gems``, ``rope.gems_hf`` with HF's transposed q and k (bound as one call with its
+  views, op ``rope.gems_hf_full``; partial rotary through ``apply_rotary_pos_emb``), ``rope.gems_interleaved``,
   ``layer_norm.gems``) with the fast launch path against the same functions with FlagGems' module as ``ops()``.
 
 Per case: CALLS calls with fresh inputs (the first ones record, the rest launch directly), each compared with
@@ -223,13 +224,13 @@ def fl_patch_cases(env: Env) -> list[Case]:
             emb = torch.cat((freqs, freqs), dim=-1)
             return q, k, emb.cos().to(q.dtype), emb.sin().to(q.dtype), 1
 
-        add("apply_rotary_pos_emb", "rope.gems_hf", name, f"q 16x{qh}x1x{d}", rope.gems_hf, lambda f=hf_rope: f(16, 1))
-        add("apply_rotary_pos_emb", "rope.gems_hf", name, f"q 1x{qh}x1x{d}", rope.gems_hf, lambda f=hf_rope: f(1, 1))
-        add("apply_rotary_pos_emb", "rope.gems_hf", name, f"q 2x{qh}x128x{d}", rope.gems_hf,
-            lambda f=hf_rope: f(2, 128))
-        add("apply_rotary_pos_emb", "rope.gems_hf, cos per batch row", name, f"q 4x{qh}x1x{d}", rope.gems_hf,
+        full = "rope.gems_hf_full"  # rope.gems_hf with every channel rotated: bound as one call, views included
+        add(full, "rope.gems_hf", name, f"q 16x{qh}x1x{d}", rope.gems_hf, lambda f=hf_rope: f(16, 1))
+        add(full, "rope.gems_hf", name, f"q 1x{qh}x1x{d}", rope.gems_hf, lambda f=hf_rope: f(1, 1))
+        add(full, "rope.gems_hf", name, f"q 2x{qh}x128x{d}", rope.gems_hf, lambda f=hf_rope: f(2, 128))
+        add(full, "rope.gems_hf, cos per batch row", name, f"q 4x{qh}x1x{d}", rope.gems_hf,
             lambda f=hf_rope: f(4, 1, per_row=True))
-        add("apply_rotary_pos_emb", "rope.gems_hf, cos per batch row", name, f"q 16x{qh}x1x{d}", rope.gems_hf,
+        add(full, "rope.gems_hf, cos per batch row", name, f"q 16x{qh}x1x{d}", rope.gems_hf,
             lambda f=hf_rope: f(16, 1, per_row=True))
         add("apply_rotary_pos_emb", "rope.gems_hf, partial rotary (Phi-3)", name, f"q 16x{qh}x1x{d}, rotary {d // 2}",
             rope.gems_hf, lambda f=hf_rope: f(16, 1, per_row=True, rotary=d // 2))
@@ -265,9 +266,18 @@ def tensors_of(args) -> list:
     return [a for a in args if isinstance(a, torch.Tensor)]
 
 
+def site_of(env: Env, op: str):
+    """The fast path's site a case's calls count on: a FlagGems function's, or fl_patch's composite rope."""
+    if op == "rope.gems_hf_full":
+        from fl_patch.kernels import rope
+
+        return env.fast.composed("apply_rotary_pos_emb", rope.gems_hf_full).site
+    return getattr(env.fast, op).site
+
+
 def run_case(case: Case, env: Env) -> dict:
     torch = env.torch
-    site = getattr(env.fast, case.op).site
+    site = site_of(env, case.op)
     before = site.stats()
     equal_calls = []
     for _ in range(CALLS):
@@ -299,7 +309,7 @@ def run_case(case: Case, env: Env) -> dict:
 def graph_check(case: Case, env: Env) -> dict:
     """Capture one fast call, copy new values into its inputs, replay: equal to FlagGems' call on those inputs."""
     torch = env.torch
-    site = getattr(env.fast, case.op).site
+    site = site_of(env, case.op)
     static = case.make()
     graph = torch.cuda.CUDAGraph()
     before = site.stats()["fast_calls"]
