@@ -11,7 +11,7 @@ import torch
 import fake_launch
 import fl_patch
 from fl_patch import runtime, settings
-from fl_patch.kernels import fast_launch, gems, rms_norm, rope
+from fl_patch.kernels import fast_launch, gems, layer_norm, rms_norm, rope
 
 
 @pytest.fixture
@@ -539,6 +539,18 @@ def test_a_replaced_flag_gems_function_drops_the_composites_bound_on_it(ops, mon
     calls = counting(monkeypatch, "apply_rotary_pos_emb")
     assert equal(fast(*args), gems.calling_through(fake_launch.gems, rope.gems_hf)(*args))
     assert calls == ["apply_rotary_pos_emb"] * 2 and stats(ops, "rope.gems_hf_full")["bound"] == 0
+
+
+def test_layer_norm_binds_with_its_output_only_so_mean_and_rstd_are_scratch(ops):
+    fast, public = gems.calling_through(ops, layer_norm.gems), gems.calling_through(fake_launch.gems, layer_norm.gems)
+    weight, bias = bf16(48), bf16(48)
+    for _ in range(4):
+        x = bf16(6, 48)
+        assert equal(fast(x, 48, weight, bias, 1e-5), public(x, 48, weight, bias, 1e-5))
+    site = next(site for site in ops.sites() if site.name == "layer_norm.gems_y")
+    plan = next(iter(site.entries.values()))
+    assert plan.calls == 2 and len(plan.allocate) == 1 and len(plan.scratch) == 3  # y; mean, rstd and the partials
+    assert stats(ops, "layer_norm")["fast_calls"] == 0
 
 
 def test_threads_calling_one_signature_get_right_results_and_bind_it_once(ops, monkeypatch):

@@ -41,7 +41,14 @@ def gems(
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """``reference`` on FlagGems; returns y only."""
-    return _gems.ops().layer_norm(x, _as_shape(normalized_shape), weight, bias, eps)[0]
+    return _gems.composed(_gems.ops(), "layer_norm", gems_y)(x, _as_shape(normalized_shape), weight, bias, eps)
+
+
+def gems_y(flag_gems, x: torch.Tensor, normalized_shape: tuple, weight, bias, eps: float) -> torch.Tensor:
+    """FlagGems' ``layer_norm`` keeping y of its ``(y, mean, rstd)``. On the fast launch path it is bound as one call
+    (``gems.composed``): the mean and rstd nobody reads are then scratch, reused per stream for FlagGems' single
+    launch instead of two allocations a call."""
+    return flag_gems.layer_norm(x, normalized_shape, weight, bias, eps)[0]
 
 
 def unsupported(

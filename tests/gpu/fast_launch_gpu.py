@@ -14,7 +14,8 @@ Not a pytest module. Two groups of cases:
 - ``fl_patch``: fl_patch's kernel functions (``rms_norm.gems_hf`` / ``gems_gemma`` / ``gems_fp32`` / ``gems_torch``
   / ``gems_gated``, ``swiglu.gems``, ``rope.gems_hf`` with HF's transposed q and k (bound as one call with its
   views, op ``rope.gems_hf_full``; partial rotary through ``apply_rotary_pos_emb``), ``rope.gems_interleaved``,
-  ``layer_norm.gems``) with the fast launch path against the same functions with FlagGems' module as ``ops()``.
+  ``layer_norm.gems`` (bound with its ``[0]``, op ``layer_norm.gems_y``)) with the fast launch path against the same
+  functions with FlagGems' module as ``ops()``.
 
 Per case: CALLS calls with fresh inputs (the first ones record, the rest launch directly), each compared with
 ``torch.equal`` (and strides, dtype); once bound, one call on a side stream and one CUDA graph (captured with one
@@ -242,7 +243,7 @@ def fl_patch_cases(env: Env) -> list[Case]:
             return r(s, qh, d), r(s, qh, d), freqs
 
         add("apply_rotary_pos_emb", "rope.gems_interleaved", name, f"q 64x{qh}x{d}", rope.gems_interleaved, lightx2v)
-        add("layer_norm", "layer_norm.gems", name, f"16x{h}", layer_norm.gems,
+        add("layer_norm.gems_y", "layer_norm.gems", name, f"16x{h}", layer_norm.gems,
             lambda r=r: (r(16, h), (h,), r(h), r(h), 1e-5))
     return cases
 
@@ -266,12 +267,17 @@ def tensors_of(args) -> list:
     return [a for a in args if isinstance(a, torch.Tensor)]
 
 
-def site_of(env: Env, op: str):
-    """The fast path's site a case's calls count on: a FlagGems function's, or fl_patch's composite rope."""
-    if op == "rope.gems_hf_full":
-        from fl_patch.kernels import rope
+COMPOSITES = {"rope.gems_hf_full": "apply_rotary_pos_emb", "layer_norm.gems_y": "layer_norm"}  # site: FlagGems name
 
-        return env.fast.composed("apply_rotary_pos_emb", rope.gems_hf_full).site
+
+def site_of(env: Env, op: str):
+    """The fast path's site a case's calls count on: a FlagGems function's, or one of fl_patch's composites."""
+    if op in COMPOSITES:
+        import importlib
+
+        module, body = op.split(".")
+        body = getattr(importlib.import_module(f"fl_patch.kernels.{module}"), body)
+        return env.fast.composed(COMPOSITES[op], body).site
     return getattr(env.fast, op).site
 
 
