@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import inspect
 import json
 import statistics
 import sys
@@ -156,13 +157,15 @@ def decode_fn(model, batch: int, cached: int, vocab: int, device: str):
     ids = inputs((batch, cached), vocab, device)
     step_ids = inputs((batch, 1), vocab, device)
     cache = DynamicCache(config=model.config)
+    # transformers 5.25 renamed the forward's `past_key_values` to `cache` (the old name warns, and goes in 5.40)
+    kv = {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, use_cache=True, **kv)
     position = torch.full((batch, 1), cached, device=device)
 
     def run():
         with torch.no_grad():
-            out = model(input_ids=step_ids, past_key_values=cache, position_ids=position, use_cache=True).logits
+            out = model(input_ids=step_ids, position_ids=position, use_cache=True, **kv).logits
         cache.crop(-1)  # drop the step just added: negative = tokens to remove, in every 5.x
         return out
     return run

@@ -12,13 +12,19 @@ the GPU figures.
     python benchmarks/bench_routing.py                       # ~1 minute, the shipped H200 profile
     python benchmarks/bench_routing.py --profile PATH        # another profile
     python benchmarks/bench_routing.py --quick               # seconds (CI checks the harness)
+    python benchmarks/bench_routing.py --places              # also each patched place alone, µs a call
+
+``--places`` times each place a decode step passes through on its own (one layer's modules, decode shapes, the
+same simulated routing), unpatched and patched, and prints the difference a call: where the step's overhead goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -74,6 +80,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
     parser.add_argument("--profile", help="the device profile whose routing to simulate (default: the shipped H200)")
+    parser.add_argument("--places", action="store_true", help="also time each patched place alone (µs a call)")
     args = parser.parse_args()
     layers, reps, rounds = (2, 20, 2) if args.quick else (16, 100, max(1, args.rounds))
     torch.set_num_threads(1)
@@ -98,6 +105,61 @@ def main() -> None:
     print("  calls routed natively in the last round, per reason:")
     for where, reasons in sorted(routed.items()):
         print(f"    {where}: {reasons}")
+    if args.places:
+        print_places(model, rounds=3 if args.quick else 7, calls=200 if args.quick else 2000)
+
+
+def places(model) -> dict:
+    """One call of each place a Llama decode step passes through, at decode shapes (batch 1, one token), on the
+    first layer's own modules: name -> a function of no arguments."""
+    from torch.nn import functional
+    from transformers.models.llama import modeling_llama
+
+    layer, config = model.model.layers[0], model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = config.hidden_size // heads
+    hidden = torch.randn(1, 1, config.hidden_size, dtype=torch.bfloat16)
+    q = torch.randn(1, heads, 1, head_dim, dtype=torch.bfloat16)
+    k = torch.randn(1, kv_heads, 1, head_dim, dtype=torch.bfloat16)
+    cached = torch.randn(1, heads, 65, head_dim, dtype=torch.bfloat16)
+    cos, sin = torch.randn(1, 1, head_dim, dtype=torch.bfloat16), torch.randn(1, 1, head_dim, dtype=torch.bfloat16)
+    return {  # looked up at call time: the patched attributes when patched
+        "F.linear (q_proj)": lambda: functional.linear(hidden, layer.self_attn.q_proj.weight),
+        "F.scaled_dot_product_attention": lambda: functional.scaled_dot_product_attention(q, cached, cached),
+        "LlamaRMSNorm": lambda: layer.input_layernorm(hidden),
+        "apply_rotary_pos_emb": lambda: modeling_llama.apply_rotary_pos_emb(q, k, cos, sin),
+        "LlamaMLP (3 F.linear inside)": lambda: layer.mlp(hidden),
+        "LlamaAttention (no cache, 4 F.linear inside)":
+            lambda: layer.self_attn(hidden, position_embeddings=(cos, sin), attention_mask=None),
+        "LlamaDecoderLayer (no cache)":
+            lambda: layer(hidden, position_embeddings=(cos, sin), attention_mask=None),
+    }
+
+
+def _per_call_us(fn, calls: int) -> float:
+    began = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - began) / calls * 1e6
+
+
+def print_places(model, rounds: int, calls: int) -> None:
+    """Each place alone, unpatched and patched in interleaved rounds (the host's speed drifts): the best loop of
+    `calls` calls per side, µs a call."""
+    names = list(places(model))
+    figures = {name: ([], []) for name in names}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for patched in (False, True):
+                with fl_patch.patched(kernels="gems") if patched else contextlib.nullcontext():
+                    for name, fn in places(model).items():
+                        _per_call_us(fn, max(1, calls // 10))  # warm
+                        figures[name][patched].append(_per_call_us(fn, calls))
+    print(f"  each place alone, µs a call (best of {rounds} interleaved loops of {calls}):")
+    print(f"    {'place':<44} {'unpatched':>9} {'fl_patch':>9} {'difference':>10}")
+    for name in names:
+        plain, patched = min(figures[name][False]), min(figures[name][True])
+        print(f"    {name:<44} {plain:>9.2f} {patched:>9.2f} {patched - plain:>+10.2f}")
 
 
 if __name__ == "__main__":
