@@ -128,8 +128,10 @@ def test_decode_trace_quick_times_every_step_and_names_what_fl_patch_adds(tmp_pa
 
 
 def test_routing_benchmark_quick_routes_every_call_natively():
-    out = run_script("benchmarks/bench_routing.py", "--quick").stdout
+    out = run_script("benchmarks/bench_routing.py", "--quick", "--places").stdout
     assert "fl_patch / HF:" in out
+    for place in ("F.linear (q_proj)", "LlamaMLP", "LlamaDecoderLayer"):  # --places: unpatched, patched, difference
+        assert re.search(re.escape(place) + r".* \d+\.\d\d +\d+\.\d\d +[+-]\d+\.\d\d\n", out), out
     routed = r"'(small input|native by profile)"
     for place in ("LlamaMLP.forward", "apply_rotary_pos_emb", "functional.linear", "AttentionInterface['sdpa']"):
         assert re.search(re.escape(place) + r": \{" + routed + r"': \d+\}", out), out
