@@ -134,6 +134,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def launch_way(provider: str) -> str:
+    """How `provider`'s kernels are called while measured (the profile's ``launch``): FlagGems' host cost is part of
+    every launch-bound decision, so a profile says whether it was timed on the fast path or the public call."""
+    return profiles.launch_now() if provider == "gems" else profiles.PUBLIC
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure, decide and write the profile; 0 when written, 2 for bad arguments, an output path that can't be
     written (said before measuring) or no usable FlagGems, 130 when interrupted (Ctrl-C: the forms measured so far
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     # --quick checks the harness: without --out its profile goes to a temporary folder, removed at the end.
     temporary = Path(tempfile.mkdtemp(prefix="fl_patch_tune_")) if args.quick and args.out is None else None
     out = args.out or (temporary or profiles.cache_dir()) / name
-    how = f"{provider} ({profiles.launch_now()} launch)" if provider == "gems" else provider
+    how = f"{provider} ({launch_way(provider)} launch)" if provider == "gems" else provider
     print(f"fl-patch tune: {info.label()}, {how} against native, {dtype_name()}, budget {args.budget_s:g} s; "
           f"profile: {out}" + (" (temporary: --out PATH keeps it)" if temporary else ""), flush=True)
     print("  per form: its decision, then native time / gems time per size (above 1: FlagGems faster), launch-bound"
@@ -499,8 +505,7 @@ class Tuner:
         self.measurements: dict[str, list[dict]] = {}  # key -> points
         self.decisions: dict[str, dict] = {}  # key -> decision
         self.not_measured: list[str] = []
-        # how FlagGems is called while measured: its host cost is part of every launch-bound decision
-        self.launch = profiles.launch_now() if provider == "gems" else profiles.PUBLIC
+        self.launch = launch_way(provider)
 
     def run(self) -> bool:
         """Measure every form (the budget allowing), writing the profile after each; True when the run ended, False

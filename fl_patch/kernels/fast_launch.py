@@ -516,6 +516,11 @@ def _allocator(shape: tuple, stride: tuple, dtype: torch.dtype, device: torch.de
     return functools.partial(torch.empty_strided, shape, stride, dtype=dtype, device=device)
 
 
+def launch_error(exc: Exception) -> str:
+    """The reason a signature whose bound launch raised `exc` stays on FlagGems' public call."""
+    return f"launch error: {type(exc).__name__}"
+
+
 class _Pending:
     """A signature being recorded: the last recording's fingerprint, how many were made, the last problem, and
     whether a thread is checking a plan for it (:meth:`_Site._admit`)."""
@@ -606,7 +611,7 @@ class _Site:
             if failures.passes_through(exc):
                 self._unchecked(key)
                 return
-            reason = f"launch error: {type(exc).__name__}"
+            reason = launch_error(exc)
         except BaseException:
             self._unchecked(key)
             raise
@@ -677,7 +682,7 @@ class _Site:
 
     def failed(self, key, exc: Exception) -> None:
         """A bound launch raised: that signature stays on the public function from now on."""
-        reason = f"launch error: {type(exc).__name__}"
+        reason = launch_error(exc)
         with self.lock:
             self.entries[key] = _Never(reason)
         self.count(reason)
