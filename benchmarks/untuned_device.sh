@@ -11,7 +11,7 @@
 #         host time goes), then at decode b16 in a process that starts from what the first one learned.
 # trace_slow: decode b1 first processes, each on its own fresh cache: the 20 steps after the first profiled; with
 #         gc.freeze() after the first step; and HF alone after FlagGems' first call (no fl_patch).
-# tuned:  `fl-patch tune` into OUT_DIR/tuned.json, then a process with both fl_patch (calibrated) and
+# tuned:  `fl-patch tune` into OUT_DIR/tuned.json (unless it is there), then a process with both fl_patch (calibrated) and
 #         fl_patch_tuned (routed by that profile) in the same run.
 # fast_vs_public: that profile (TUNED_PROFILE, or `fl-patch tune` into OUT_DIR/tuned.json) with the fast launch path
 #         (fl_patch_tuned) and without it (fl_patch_tuned_public), and fl_patch_public calibrating without it.
@@ -42,8 +42,8 @@ for step in ${steps//,/ }; do
         XDG_CACHE_HOME="$out/cache_${run%% *}" python "$here/benchmarks/decode_trace.py" --out "$out" \
           --name "decode_trace_b1_${run%% *}" ${run#* }
       done ;;
-    tuned)
-      python -m fl_patch tune --out "$out/tuned.json" 2>&1 | tail -n 25
+    tuned)  # OUT_DIR/tuned.json when there (a tune made earlier in the call), else `fl-patch tune` makes it here
+      [ -f "$out/tuned.json" ] || python -m fl_patch tune --out "$out/tuned.json" 2>&1 | tail -n 25
       "${bench[@]}" --variants hf_sdpa,fl_patch,fl_patch_tuned,liger --tuned-profile "$out/tuned.json" --name untuned_tuned ;;
     fast_vs_public)  # a tune profile measured on the fast path, run with and without it, beside the calibrating
       # fl_patch without it (issue 25's e2e); TUNED_PROFILE: that profile, else `fl-patch tune` makes it here

@@ -22,7 +22,7 @@
 #                                                # budgets: one call
 #   bash tests/gpu/device_proof.sh suite OUT     # fast launch bitwise, then tests/gpu/test_kernels_gpu.py
 #   bash tests/gpu/device_proof.sh fast_proof OUT # fast launch bitwise, then the host-cost table (one short call)
-#   bash tests/gpu/device_proof.sh h200 OUT       # `next`, then fast launch bitwise in the time left (one call)
+#   bash tests/gpu/device_proof.sh h200 OUT       # tune, fast launch bitwise, then `next` in the time left
 #   bash tests/gpu/device_proof.sh kernels OUT    # tests/gpu/test_kernels_gpu.py alone
 #   bash tests/gpu/device_proof.sh fast_e2e OUT   # tune on the fast path, then e2e with and without it
 #   bash tests/gpu/device_proof.sh fast OUT      # fl-patch tune with the fast launch path (rms_norm, rope, swiglu),
@@ -136,14 +136,17 @@ case "$part" in
     # without it and the calibrating fl_patch without it, both models, 3 paired rounds of 0.2 s (~300 s)
     BENCH_SECONDS=0.2 BENCH_ROUNDS=3 step fast_e2e 420 bash benchmarks/untuned_device.sh "$out/untuned" fast_vs_public
     ;;
-  h200)  # what issues 23 and 25 still owe an H200, in one call: `next` first (its tune writes the profile that
-    # replaces the shipped one), then the fast launch bitwise cases in the time left of 560 s (~450 s on the H100)
+  h200)  # what issues 23 and 25 still owe an H200, in one call, most needed first, within DEADLINE_S (default 560):
+    # `fl-patch tune` on the fast path (the profile that replaces the shipped one; its own cache, so that the first
+    # process below still finds none), the fast launch bitwise cases, then `next` on that profile (~450 s on the H100)
     began=$(date +%s)
-    BENCH_SECONDS=0.2 BENCH_ROUNDS=3 step untuned 440 bash benchmarks/untuned_device.sh "$out/untuned" \
-      first,second,tuned
-    left=$(( 560 - ($(date +%s) - began) ))
-    if [ "$left" -gt 40 ]; then
-      step fast_launch "$left" python3 tests/gpu/fast_launch_gpu.py "$out/fast_launch.json" --budget $(( left - 20 ))
+    left() { echo $(( ${DEADLINE_S:-560} - ($(date +%s) - began) )); }
+    mkdir -p "$out/untuned"
+    XDG_CACHE_HOME="$out/tune_cache" step tune 200 python3 -m fl_patch tune --out "$out/untuned/tuned.json"
+    step fast_launch 75 python3 tests/gpu/fast_launch_gpu.py "$out/fast_launch.json" --budget 55
+    if [ "$(left)" -gt 120 ]; then
+      BENCH_SECONDS=0.2 BENCH_ROUNDS=3 step untuned "$(left)" bash benchmarks/untuned_device.sh "$out/untuned" \
+        first,second,tuned
     fi
     ;;
   kernels)  # every kernel against native (tests/gpu/test_kernels_gpu.py), alone
