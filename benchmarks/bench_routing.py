@@ -146,18 +146,18 @@ def _per_call_us(fn, calls: int) -> float:
 def print_places(model, rounds: int, calls: int) -> None:
     """Each place alone, unpatched and patched in interleaved rounds (the host's speed drifts): the best loop of
     `calls` calls per side, µs a call."""
-    names = list(places(model))
-    figures = {name: ([], []) for name in names}
+    timed = places(model)  # the same calls both ways: each looks the patched place up when called
+    figures = {name: ([], []) for name in timed}
     with torch.no_grad():
         for _ in range(rounds):
             for patched in (False, True):
                 with fl_patch.patched(kernels="gems") if patched else contextlib.nullcontext():
-                    for name, fn in places(model).items():
+                    for name, fn in timed.items():
                         _per_call_us(fn, max(1, calls // 10))  # warm
                         figures[name][patched].append(_per_call_us(fn, calls))
     print(f"  each place alone, µs a call (best of {rounds} interleaved loops of {calls}):")
     print(f"    {'place':<44} {'unpatched':>9} {'fl_patch':>9} {'difference':>10}")
-    for name in names:
+    for name in timed:
         plain, patched = min(figures[name][False]), min(figures[name][True])
         print(f"    {name:<44} {plain:>9.2f} {patched:>9.2f} {patched - plain:>+10.2f}")
 

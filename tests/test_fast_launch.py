@@ -26,8 +26,13 @@ def ops(monkeypatch):
     fast_launch.use_api(None)
 
 
+def site(ops, name):
+    """The fast path's site `name`: a FlagGems function's, or a composite's (``rope.gems_hf_full``, ...)."""
+    return next(found for found in ops.sites() if found.name == name)
+
+
 def stats(ops, name):
-    return next(site for site in ops.sites() if site.name == name).stats()
+    return site(ops, name).stats()
 
 
 def counting(monkeypatch, name):
@@ -547,8 +552,7 @@ def test_layer_norm_binds_with_its_output_only_so_mean_and_rstd_are_scratch(ops)
     for _ in range(4):
         x = bf16(6, 48)
         assert equal(fast(x, 48, weight, bias, 1e-5), public(x, 48, weight, bias, 1e-5))
-    site = next(site for site in ops.sites() if site.name == "layer_norm.gems_y")
-    plan = next(iter(site.entries.values()))
+    plan = next(iter(site(ops, "layer_norm.gems_y").entries.values()))
     assert plan.calls == 2 and len(plan.allocate) == 1 and len(plan.scratch) == 3  # y; mean, rstd and the partials
     assert stats(ops, "layer_norm")["fast_calls"] == 0
 
