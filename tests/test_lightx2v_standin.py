@@ -302,7 +302,8 @@ def test_platform_norm_template_cannot_pin_cpu_weights_without_an_accelerator():
         def apply(self, input_tensor):
             return input_tensor
 
-    with pytest.raises(RuntimeError, match="pin_memory"):
+    # torch's CPU build names pin_memory; its CUDA build on a machine without a driver says so
+    with pytest.raises(RuntimeError, match="pin_memory|no NVIDIA driver"):
         PlainRms("blocks.0.norm.weight").load({"blocks.0.norm.weight": torch.ones(4)})
 
 

@@ -131,6 +131,10 @@ def environment_problem() -> str | None:
 
     if torch.cuda.is_available():
         return "a CUDA device is available here; the samples are what a CPU machine prints"
+    build = getattr(torch.version, "cuda", None) or getattr(torch.version, "hip", None)
+    if build:
+        return (f"torch {torch.__version__} is a GPU build (it brings triton); the samples are what torch's CPU "
+                "build prints, the one .ci/setup installs")
     return None
 
 
