@@ -25,7 +25,7 @@ CHECKPOINTING = {"default": None, "non-reentrant": {"use_reentrant": False}, "re
 
 def tiny(name: str):
     """A 2-layer model of `name`'s layout in fp32, seeded, with its default attention (sdpa; Gemma2: eager, which
-    fl_patch leaves alone)."""
+    fl_patch leaves alone, on transformers 5.25; sdpa with its softcap handed back on 5.17)."""
     from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, Olmo2Config
 
     config_class = {"llama": LlamaConfig, "gemma2": Gemma2Config, "olmo2": Olmo2Config}[name]
@@ -69,7 +69,9 @@ def assert_no_kernel_error_and_no_attention_fallback():
     seen = fallbacks()
     assert not [(where, reason) for where, reasons in seen.items() for reason in reasons
                 if reason.startswith("kernel error")], seen
-    assert not [where for where in seen if "Attention" in where or "attention" in where], seen
+    # "softcap": transformers 5.17 runs Gemma2 on sdpa, which fl_patch hands its softcap back to, as unpatched
+    assert not [where for where, reasons in seen.items()
+                if ("Attention" in where or "attention" in where) and set(reasons) - {"softcap"}], seen
 
 
 @pytest.mark.parametrize("mode", list(CHECKPOINTING))
