@@ -84,8 +84,8 @@ def test_check_torch_accepts_the_cpu_build_installed_here():
     import torch
 
     if torch.__version__.split("+")[0] != "2.13.0" or torch.version.cuda or torch.version.hip:
-        pytest.skip(f"torch {torch.__version__} here is not the CPU build .ci/setup installs (its own check fails "
-                    "the set-up if it ever installs another)")
+        pytest.skip(f"torch {torch.__version__} here is not the CPU build .ci/setup installs (its own check refuses "
+                    "any other, and a GPU build on a machine without a GPU unless FL_PATCH_TORCH_CUDA_OK=1)")
     result = check_torch()
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("setup: torch 2.13.0") and result.stdout.endswith(": the CPU build\n")
